@@ -1,0 +1,469 @@
+"""
+gpt.py: a Llama-style GPT in one file.
+
+A decoder-only transformer (Radford et al. 2019, "GPT-2") with the changes Llama made standard
+(Touvron et al. 2023): rotary position embeddings, RMSNorm pre-norm, a SwiGLU MLP, no biases,
+and grouped-query attention. Each block is
+
+    x = x + Attention(RMSNorm(x))
+    x = x + MLP(RMSNorm(x))
+
+with
+    RMSNorm(x)      = x / sqrt(mean(x^2) + eps) * g
+    RoPE(x, n)      rotates channel pairs (x_i, x_{i+D/2}) by the angle n * theta^(-2i/D), so q_m . k_n
+                    depends only on the distance m - n
+    Attention       = softmax(Q K^T / sqrt(D) + M) V, M = -inf above the diagonal (causal);
+                    n_head query heads share n_kv_head key/value heads (GQA)
+    MLP(x)          = (SiLU(x W_gate) * (x W_up)) W_down                        (SwiGLU)
+
+The core is `attention(q, k, v, kernel=...)`:
+    "torch"  the explicit masked softmax, as the equation reads (the default: it is what you read here,
+             and at the default context of 64 on a CPU it is as fast as the fused op)
+    "sdpa"   PyTorch's fused F.scaled_dot_product_attention (use it on a GPU or at long contexts)
+    "triton" a FlashAttention-2 kernel, forward and backward (below)
+
+The Triton kernels are FlashAttention-2 (Dao 2023), after Triton's fused-attention tutorial. A program holds
+a tile of queries and streams tiles of keys and values past it, keeping each row's running max m_i, running
+sum l_i and an fp32 accumulator acc (the online softmax: old sums are rescaled when the max grows), so the
+(T, T) score matrix is never stored, and it stops at the causal diagonal. The backward recomputes the
+probabilities tile by tile from each row's saved log-sum-exp. It is `attention`'s softmax, a tile at a time.
+
+Layout: Config, the attention core in PyTorch, the core in Triton, the layers (RMSNorm, RoPE, Attention,
+MLP, Block), the Model (forward, prefill/step with a KV cache, generate).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS / Windows: the torch path still works
+    triton = None
+
+
+@dataclass
+class Config:
+    vocab_size: int = 65
+    block_size: int = 64  # the longest sequence the model attends over; the training context
+    n_layer: int = 4
+    d_model: int = 128
+    kernel: str = "torch"  # attention core: "torch" (explicit softmax), "sdpa" or "triton"
+    n_head: int = 4
+    n_kv_head: int = 4  # < n_head for grouped-query attention; must divide n_head
+    mlp_hidden: int = 352  # SwiGLU width: 8/3 * d_model rounded up to 32 keeps the 4*d MLP's parameter count
+    qk_norm: bool = True  # RMSNorm on q and k per head: cheap, and keeps attention logits tame
+    rope_theta: float = 10000.0
+    tie_weights: bool = True  # lm_head shares the token embedding matrix
+
+    def __post_init__(self):
+        if self.kernel not in ("torch", "sdpa", "triton"):
+            raise ValueError(f"kernel must be 'torch', 'sdpa' or 'triton', not {self.kernel!r}")
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"need d_model % n_head == 0 and n_head % n_kv_head == 0, got "
+                             f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("the head dimension d_model // n_head must be even for RoPE")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The core in PyTorch: causal softmax attention
+
+
+def attention(q, k, v, kernel="torch"):
+    """Causal attention. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with Tq <= Tk and H a multiple of Hkv.
+    The queries are the last Tq of the Tk positions (Tq = Tk in training, Tq = 1 when decoding)."""
+    if kernel == "triton":
+        return flash_attention(q, k, v)
+    Tq, Tk = q.size(2), k.size(2)
+    if kernel == "sdpa":
+        # is_causal aligns the mask top-left, which is wrong when Tq < Tk: pass the mask then.
+        mask = None if Tq == Tk else causal_mask(Tq, Tk, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=Tq == Tk,
+                                              enable_gqa=q.size(1) != k.size(1))
+    group = q.size(1) // k.size(1)  # query heads per kv head
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, Tk, D)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    att = F.softmax(att.float(), dim=-1).to(q.dtype)  # softmax in fp32 even under autocast
+    return att @ v  # (B, H, Tq, D)
+
+
+def causal_mask(Tq, Tk, device):
+    """(Tq, Tk) bool, True where query i (at position Tk - Tq + i) may look at key j."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The core in Triton
+
+
+def check_triton(*tensors):
+    """Raise one clear line if the Triton path cannot run on these tensors."""
+    if triton is None:
+        raise RuntimeError("kernel='triton' needs the triton package (Linux only): pip install triton, or use kernel='torch'")
+    if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 set before this file is imported (slow; for reading and debugging)")
+
+
+def flash_attention(q, k, v):
+    """attention(q, k, v, "triton"): the kernels below, joined for autograd by FlashAttention."""
+    check_triton(q, k, v)
+    if q.size(-1) > 128:
+        raise RuntimeError(f"kernel='triton' takes head dims up to 128, not {q.size(-1)}: its tiles are sized "
+                           f"for an H100's shared memory; use kernel='sdpa'")
+    # One dtype for all three; under autocast the autocast dtype, as a matmul would do.
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's interpreter multiplies the raw bits of bf16 in tl.dot (triton-lang/triton#11584): use fp32 there.
+        return FlashAttention.apply(q.float(), k.float(), v.float()).to(dtype)
+    return FlashAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype))
+
+
+def block_sizes(Tq, D, dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D): query tile, key tile and padded head dim, for every kernel below.
+    64 x 64 tiles are FlashAttention-2's size for head dims up to 128: big enough to keep the tensor cores
+    busy, small enough that what a program holds (its Q or K/V tile, plus the streamed tiles, triple-buffered)
+    fits an H100's 228 KB of shared memory. Where a row of K is wider than 256 bytes (fp32 at head dim 128)
+    the streamed tile halves to 32 rows, else it would need 224 KB. A short chunk of queries (decode: Tq = 1)
+    gets tl.dot's smallest tile, 16 rows, not 64 mostly empty ones. The head dim is padded to a power of two
+    (>= 16, tl.dot's smallest) and masked, so 48 runs as a masked 64."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_M = min(64, max(16, triton.next_power_of_2(Tq)))
+    BLOCK_N = 64 if BLOCK_D * dtype.itemsize <= 256 else 32
+    return BLOCK_M, BLOCK_N, BLOCK_D
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        # The kernels index (B, H, T, D) tensors as contiguous: row t of head bh starts at (bh * T + t) * D.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, Tq, D = q.shape
+        Hkv, Tk = k.size(1), k.size(2)
+        BLOCK_M, BLOCK_N, BLOCK_D = block_sizes(Tq, D, q.dtype)
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # log2-sum-exp per query row
+        _attn_fwd[(triton.cdiv(Tq, BLOCK_M), B * H)](q, k, v, o, lse, H, Hkv, Tq, Tk, D, 1 / math.sqrt(D),
+                                                     BLOCK_M, BLOCK_N, BLOCK_D)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        B, H, Tq, D = q.shape
+        Hkv, Tk = k.size(1), k.size(2)
+        BLOCK_M, BLOCK_N, BLOCK_D = block_sizes(Tq, D, q.dtype)
+        sm_scale = 1 / math.sqrt(D)
+        delta = torch.empty_like(lse)
+        _attn_bwd_preprocess[(triton.cdiv(Tq, BLOCK_M), B * H)](o, do, delta, Tq, D, BLOCK_M, BLOCK_D)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _attn_bwd_dkdv[(triton.cdiv(Tk, BLOCK_N), B * Hkv)](q, k, v, do, lse, delta, dk, dv, H, Hkv, Tq, Tk, D,
+                                                            sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
+        _attn_bwd_dq[(triton.cdiv(Tq, BLOCK_M), B * H)](q, k, v, do, lse, delta, dq, H, Hkv, Tq, Tk, D,
+                                                        sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
+        return dq, dk, dv
+
+
+# Every kernel runs on a grid of (tile, batch * head) programs. Query row i of Tq sits at position Tk - Tq + i,
+# so it sees the keys j <= i + Tk - Tq; loops stop at the diagonal, so the tiles above it are never visited.
+if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), and exp2 is the GPU's instruction
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O, LSE, H, Hkv, Tq, Tk, D, sm_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """O = softmax(Q K^T / sqrt(D) + causal mask) V for BLOCK_M queries of one (batch, head)."""
+        start_m, off_bh = tl.program_id(0), tl.program_id(1)
+        qk_scale = sm_scale * LOG2E
+        off_bkv = off_bh // H * Hkv + off_bh % H // (H // Hkv)  # GQA: the kv head this query head reads
+        kv_base = off_bkv.to(tl.int64) * Tk * D  # int64: B * H * T * D can pass 2^31
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        q = tl.load(Q + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of each row's scores
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
+        hi = tl.minimum(Tk, (start_m + 1) * BLOCK_M + Tk - Tq)  # one past the last row's diagonal
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_kv = kv_base + offs_n[:, None] * D + offs_d[None, :]
+            kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+            k = tl.load(K + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(V + offs_kv, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores, fp32, in base 2
+            # The causal mask; for the rows we store it also hides the padding keys >= Tk.
+            s = tl.where(offs_m[:, None] + Tk - Tq >= offs_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in the first tile and every row sees it
+            alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old max
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        tl.store(O + offs_q, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
+        tl.store(LSE + off_bh.to(tl.int64) * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
+
+    @triton.jit
+    def _attn_bwd_preprocess(O, DO, Delta, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """delta_i = sum_d dO_id * O_id (= sum_j P_ij dP_ij), the row term of the softmax's gradient."""
+        start_m, off_bh = tl.program_id(0), tl.program_id(1)
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        o = tl.load(O + offs_q, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + offs_q, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, H, Hkv, Tq, Tk, D, sm_scale,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dK and dV for BLOCK_N keys of one kv head: K and V stay put while the query tiles of every query head
+        that reads this kv head stream past. One program sums all of its GQA group in a fixed order, so dK and dV
+        come out the same on every run (atomic adds from several programs would not)."""
+        start_n, off_bkv = tl.program_id(0), tl.program_id(1)
+        qk_scale = sm_scale * LOG2E
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_kv = off_bkv.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
+        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        k = tl.load(K + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + offs_kv, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        lo = tl.maximum(start_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M  # the first row that sees these keys
+        for g in range(H // Hkv):
+            off_bh = off_bkv * (H // Hkv) + g  # = b * H + h for the group's g-th query head h
+            for start_m in range(lo, Tq, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+                q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+                q = tl.load(Q + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+                do = tl.load(DO + offs_q, mask=q_mask, other=0.0)
+                offs_row = off_bh.to(tl.int64) * Tq + offs_m  # lse and delta: one fp32 per query row
+                lse = tl.load(LSE + offs_row, mask=offs_m < Tq, other=0.0)
+                delta = tl.load(Delta + offs_row, mask=offs_m < Tq, other=0.0)
+                # P^T, keys along the rows so that dK and dV accumulate in place; recomputed from the lse, not stored.
+                pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+                pT = tl.where((offs_m[None, :] < Tq) & (offs_m[None, :] + Tk - Tq >= offs_n[:, None]), pT, 0.0)
+                dv = tl.dot(pT.to(do.dtype), do, dv)  # dV = P^T dO
+                dpT = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
+                dsT = pT * (dpT - delta[None, :])  # dS = P * (dP - delta)
+                dk = tl.dot(dsT.to(q.dtype), q, dk)  # dK = dS^T Q / sqrt(D); the 1/sqrt(D) once, at the end
+        tl.store(DK + offs_kv, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + offs_kv, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, H, Hkv, Tq, Tk, D, sm_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dQ for BLOCK_M queries of one head: the forward's walk over key tiles again, now summing dS K."""
+        start_m, off_bh = tl.program_id(0), tl.program_id(1)
+        qk_scale = sm_scale * LOG2E
+        off_bkv = off_bh // H * Hkv + off_bh % H // (H // Hkv)
+        kv_base = off_bkv.to(tl.int64) * Tk * D
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        q = tl.load(Q + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DO + offs_q, mask=q_mask, other=0.0)
+        offs_row = off_bh.to(tl.int64) * Tq + offs_m  # lse and delta: one fp32 per query row
+        lse = tl.load(LSE + offs_row, mask=offs_m < Tq, other=0.0)
+        delta = tl.load(Delta + offs_row, mask=offs_m < Tq, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = tl.minimum(Tk, (start_m + 1) * BLOCK_M + Tk - Tq)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_kv = kv_base + offs_n[:, None] * D + offs_d[None, :]
+            kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+            k = tl.load(K + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(V + offs_kv, mask=kv_mask, other=0.0)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+            p = tl.where(offs_m[:, None] + Tk - Tq >= offs_n[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v))  # dP = dO V^T
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq)  # dQ = dS K / sqrt(D)
+        tl.store(DQ + offs_q, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean subtraction and the bias."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_angles(positions, head_dim, theta):
+    """cos and sin of the rotation angles n * theta^(-2i/D), each (T, D/2), for positions (T,)."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * freqs[None, :]  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x_i, x_{i+D/2}) of x (B, H, T, D) by the angles whose cos and sin are (T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.d_model // config.n_head
+        self.kernel = config.kernel
+        self.c_attn = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        if cache is not None:  # keys and values of the earlier positions, already rotated
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, Hkv, Tk, D)
+        y = attention(q, k, v, self.kernel)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.c_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, 2 * config.mlp_hidden, bias=False)  # W_gate and W_up, fused
+        self.c_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.c_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(config.d_model), Attention(config)
+        self.norm2, self.mlp = RMSNorm(config.d_model), MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        a, kv = self.attn(self.norm1(x), cos, sin, cache)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, kv
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+
+class Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        # GPT-2 init: N(0, 0.02), and the projections into the residual stream scaled by 1/sqrt(2 * n_layer)
+        # so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx, targets=None):
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} is longer than block_size={self.config.block_size}; "
+                             f"use a shorter sequence or a model with a larger block_size")
+        logits, _ = self.prefill(idx)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def prefill(self, idx, state=None):
+        """Run the tokens idx (B, T) in parallel after the KV cache `state` (None: a new sequence).
+        Returns the logits (B, T, vocab_size) and the cache extended by these T positions."""
+        B, T = idx.shape
+        start = 0 if state is None else state["pos"]
+        cached = 0 if state is None else state["kv"][0][0].size(2)
+        if T > 1 and cached + T > self.config.block_size:
+            raise ValueError(f"{cached} cached + {T} new tokens is longer than block_size={self.config.block_size}; "
+                             f"feed the rest token by token with step()")
+        cos, sin = rope_angles(torch.arange(start, start + T, device=idx.device), self.config.d_model //
+                               self.config.n_head, self.config.rope_theta)
+        x = self.wte(idx)  # (B, T, d_model)
+        caches = [None] * len(self.blocks) if state is None else state["kv"]
+        new_caches = []
+        for block, cache in zip(self.blocks, caches):
+            x, (k, v) = block(x, cos, sin, cache)
+            # A full cache slides: the oldest position drops out. RoPE encodes only distances, so the
+            # positions kept are still scored exactly as before.
+            new_caches.append((k[:, :, -self.config.block_size:], v[:, :, -self.config.block_size:]))
+        logits = self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
+        return logits, {"pos": start + T, "kv": new_caches}
+
+    def step(self, token, state=None):
+        """Feed one token (B,) after `state`; returns logits (B, vocab_size) and the new state."""
+        logits, state = self.prefill(token[:, None], state)
+        return logits[:, 0], state
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Append max_new_tokens sampled tokens to idx (B, T): one parallel prefill of the prompt, then one
+        step per new token, so the prompt is never recomputed. temperature=0 picks the most likely token."""
+        logits, state = self.prefill(idx)
+        logits = logits[:, -1]  # (B, vocab_size)
+        for i in range(max_new_tokens):
+            if i > 0:
+                logits, state = self.step(idx[:, -1], state)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat([idx, idx_next], dim=1)
+        return idx
+
+    def param_groups(self, weight_decay):
+        """AdamW groups: weight decay on the matrices (linear layers, embedding), none on norm gains."""
+        params = list(self.parameters())
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward + backward) at context T, after PaLM's appendix B: 6 per matmul
+        parameter, plus 12 * n_layer * d_model * T for the attention scores and the weighted sum."""
+        N = sum(p.numel() for p in self.parameters() if p.dim() >= 2)  # a tied matrix counts once: as lm_head
+        if not self.config.tie_weights:
+            N -= self.wte.weight.numel()  # an embedding lookup is not a matmul
+        return 6 * N + 12 * self.config.n_layer * self.config.d_model * T

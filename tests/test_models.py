@@ -1,0 +1,169 @@
+"""The model contract (../shared/DESIGN.md), checked the same way on every model file."""
+import math
+
+import pytest
+import torch
+
+from conftest import MODELS
+
+V, T = 50, 32  # a small vocabulary and context for every model
+
+
+@pytest.fixture(params=MODELS)
+def mod(request, load_model):
+    return load_model(request.param)
+
+
+def tiny(mod, **overrides):
+    """The model's own defaults, shrunk where the contract names the field."""
+    torch.manual_seed(0)
+    return mod.Model(mod.Config(vocab_size=V, block_size=T, n_layer=2, **overrides))
+
+
+def test_config_defaults(mod):
+    c = mod.Config()
+    assert (c.vocab_size, c.block_size, c.n_layer, c.d_model, c.kernel) == (65, 64, 4, 128, "torch")
+    with pytest.raises(ValueError):
+        mod.Config(kernel="cuda")
+
+
+def test_forward_shapes_and_initial_loss(mod):
+    model = tiny(mod)
+    idx = torch.randint(V, (3, T))
+    logits, loss = model(idx)
+    assert logits.shape == (3, T, V) and loss is None
+    logits, loss = model(idx, torch.randint(V, (3, T)))
+    assert loss.shape == () and torch.isfinite(loss)
+    assert abs(loss.item() - math.log(V)) < 0.5, "a fresh model should predict close to uniform"
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_ignore_index(mod):
+    model = tiny(mod)
+    idx = torch.randint(V, (2, T))
+    targets = idx.clone()
+    targets[:, : T // 2] = -1  # positions the loss must skip
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, T // 2:].reshape(-1, V), idx[:, T // 2:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_too_long_sequence_raises(mod):
+    model = tiny(mod)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, T + 1, dtype=torch.long))
+
+
+def test_causality(mod):
+    model = tiny(mod).eval()
+    idx = torch.randint(V, (2, T))
+    changed = idx.clone()
+    t = 13
+    changed[:, t] = (changed[:, t] + 1) % V
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-5)  # the past never sees the future
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4  # but the change does reach the later positions
+
+
+def test_step_equals_forward(mod):
+    model = tiny(mod).eval()
+    idx = torch.randint(V, (2, T))
+    with torch.no_grad():
+        full = model(idx)[0]
+        state, steps = None, []
+        for t in range(T):
+            logits, state = model.step(idx[:, t], state)
+            steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_carries_state(mod):
+    model = tiny(mod).eval()
+    idx = torch.randint(V, (2, T))
+    split = 13  # not a multiple of any chunk size
+    with torch.no_grad():
+        full = model(idx)[0]
+        first, state = model.prefill(idx[:, :split])
+        second, state = model.prefill(idx[:, split:], state)
+        after, _ = model.step(idx[:, 0], state)  # the state is still usable afterwards
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, rtol=1e-4, atol=1e-4)
+    assert after.shape == (2, V)
+
+
+def test_generate_greedy_matches_forward(mod):
+    model = tiny(mod).eval()
+    prompt = torch.randint(V, (2, 5))
+    out = model.generate(prompt, 8, temperature=0)
+    assert out.shape == (2, 13) and torch.equal(out[:, :5], prompt)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):  # the slow way: rerun the whole sequence for every token
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_samples_within_top_k(mod):
+    model = tiny(mod).eval()
+    torch.manual_seed(1)
+    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 10, temperature=1.0, top_k=1)
+    greedy = model.generate(torch.zeros(4, 1, dtype=torch.long), 10, temperature=0)
+    assert torch.equal(out, greedy)  # top_k=1 leaves one choice
+
+
+def test_param_groups_cover_every_parameter_once(mod):
+    model = tiny(mod)
+    groups = model.param_groups(0.1)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))
+    for g in groups:
+        if g["weight_decay"] > 0:
+            assert all(p.dim() >= 2 for p in g["params"]), "weight decay only on matrices"
+
+
+def test_flops_per_token(mod):
+    model = tiny(mod)
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2) - V * model.config.d_model
+    f = model.flops_per_token(T)
+    assert f >= 6 * matrices and model.flops_per_token(2 * T) >= f
+
+
+def test_triton_needs_interpreter_or_gpu(mod, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        mod.check_triton(torch.zeros(1))
+
+
+def test_triton_model_matches_torch(mod):
+    """The whole model on its Triton path (in the interpreter) against its torch path, logits and grads."""
+    ref, tri = tiny(mod, kernel="torch"), tiny(mod, kernel="triton")
+    tri.load_state_dict(ref.state_dict())
+    idx = torch.randint(V, (2, 19))
+    loss_ref, loss_tri = ref(idx, idx)[1], tri(idx, idx)[1]
+    loss_ref.backward()
+    loss_tri.backward()
+    torch.testing.assert_close(loss_tri, loss_ref, rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_loss_falls(mod):
+    """A couple of hundred AdamW steps on a tiny repeating text bring the loss far down."""
+    model = tiny(mod)
+    torch.manual_seed(0)
+    text = torch.randint(V, (23,)).repeat(40)  # a 23-token phrase, over and over
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
+    losses = []
+    for it in range(150):
+        i = torch.randint(len(text) - T - 1, (8,))
+        x = torch.stack([text[j:j + T] for j in i])
+        y = torch.stack([text[j + 1:j + T + 1] for j in i])
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if hasattr(model, "after_step"):
+            model.after_step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 and losses[-1] < losses[0] / 5, f"loss went {losses[0]:.2f} -> {losses[-1]:.2f}"

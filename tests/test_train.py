@@ -1,0 +1,185 @@
+"""train.py and sample.py end to end, in subprocesses, on a tiny character dataset."""
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+TINY = ["--n_layer", "1", "--d_model", "32", "--n_head", "2", "--n_kv_head", "2", "--mlp_hidden", "64",
+        "--block_size", "16", "--batch_size", "4", "--eval_iters", "2", "--log_interval", "5", "--sample_tokens", "20"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV.pop("TRITON_INTERPRET", None)  # as a user's shell has it
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny character-level dataset in nanoGPT's format."""
+    folder = tmp_path_factory.mktemp("tinydata")
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 60
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n = int(0.9 * len(ids))
+    ids[:n].tofile(folder / "train.bin")
+    ids[n:].tofile(folder / "val.bin")
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    return str(folder)
+
+
+def run(script, *args, check=True):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train(data, out, *args, check=True):
+    return run("train.py", "--dataset", data, "--out_dir", str(out), *TINY, *args, check=check)
+
+
+def last_val(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return [r for r in rows if "val_loss" in r][-1]
+
+
+def test_train_end_to_end(data, tmp_path):
+    p = train(data, tmp_path, "--max_iters", "30", "--eval_interval", "10")
+    for name in ("ckpt.pt", "config.json", "log.jsonl", "loss.png", "sample.txt"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert all(r["tokens_per_sec"] > 0 for r in rows if "loss" in r)
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["model_config"]["n_layer"] == 1 and config["settings"]["max_iters"] == 30
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 30 and ckpt["model_name"] == "gpt"
+    assert "sample ----------" in p.stdout
+
+
+def test_resume_continues_the_same_run(data, tmp_path):
+    common = ["--eval_interval", "10", "--lr_decay_iters", "30", "--warmup_iters", "5"]
+    train(data, tmp_path / "straight", "--max_iters", "30", *common)
+    train(data, tmp_path / "split", "--max_iters", "20", *common)
+    train(data, tmp_path / "split", "--max_iters", "30", "--resume")  # the other settings come from ckpt.pt
+    a, b = last_val(tmp_path / "straight"), last_val(tmp_path / "split")
+    assert a["iter"] == b["iter"] == 30
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
+    wa = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_sigkill_leaves_a_loadable_checkpoint(data, tmp_path):
+    rng = random.Random(0)
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", data, "--out_dir", str(tmp_path), *TINY,
+            "--max_iters", "100000", "--eval_interval", "1", "--eval_iters", "1"]
+    iters = []
+    for attempt in range(4):  # kill it at random moments, mostly mid-save
+        p = subprocess.Popen(args + (["--resume"] if attempt else []), env=ENV, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        saved = os.path.getmtime(tmp_path / "ckpt.pt") if attempt else 0
+        deadline = time.time() + 120
+        while time.time() < deadline and (not os.path.exists(tmp_path / "ckpt.pt") or
+                                          os.path.getmtime(tmp_path / "ckpt.pt") == saved):
+            time.sleep(0.02)  # until this run has saved a checkpoint of its own
+        time.sleep(rng.uniform(0.0, 1.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        iters.append(ckpt["iter_num"])
+    assert iters == sorted(iters) and iters[-1] > iters[0], f"resumed runs should move on: {iters}"
+    train(data, tmp_path, "--resume", "--max_iters", str(iters[-1] + 3))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == iters[-1] + 3
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(data, tmp_path):
+    train(data, tmp_path, "--max_iters", "4", "--eval_interval", "4")
+    before = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    p = train(data, tmp_path, "--resume", "--max_iters", "50", "--learning_rate", "1e30", check=False)
+    assert p.returncode == 1 and ("loss is nan" in p.stderr or "loss is inf" in p.stderr), p.stderr
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert after["iter_num"] == before["iter_num"] == 4
+    assert all(torch.isfinite(v).all() for v in after["model"].values())
+
+
+def assert_usage_error(p, *words):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "transformerxl"], ["unknown model", "gpt"]),
+    (["--dataset", "nosuchdata"], ["unknown dataset", "shakespeare_char"]),
+    (["--no_such_flag", "1"], ["unrecognized arguments", "--no_such_flag"]),
+    (["--batch_size", "many"], ["--batch_size", "invalid int"]),
+    (["--kernel", "cuda"], ["kernel"]),
+    (["--n_head", "3"], ["n_head"]),
+    (["--device", "cuda"], ["no CUDA GPU"]),
+    (["--max_iters", "-5"], ["--max_iters"]),
+    (["--resume"], ["no checkpoint"]),
+])
+def test_bad_input_is_one_line(data, tmp_path, args, words):
+    cmd = ["--dataset", data, "--out_dir", str(tmp_path / "run"), *args]
+    assert_usage_error(run("train.py", *cmd, check=False), *words)
+
+
+def test_bad_checkpoints_for_resume(data, tmp_path):
+    train(data, tmp_path, "--max_iters", "2", "--eval_interval", "2", "--sample_tokens", "0")
+    assert_usage_error(run("train.py", "--model", "mamba", "--dataset", data, "--out_dir", str(tmp_path),
+                           "--resume", check=False), "holds a 'gpt' model")
+    other = os.path.join(os.path.dirname(data), "otherdata")
+    shutil.copytree(data, other, dirs_exist_ok=True)
+    with open(os.path.join(other, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": 3, "itos": {0: "a", 1: "b", 2: "c"}, "stoi": {"a": 0, "b": 1, "c": 2}}, f)
+    assert_usage_error(run("train.py", "--dataset", other, "--out_dir", str(tmp_path), "--resume", check=False),
+                       "another vocabulary")
+    assert_usage_error(run("train.py", "--dataset", data, "--out_dir", str(tmp_path), "--resume", "--n_layer", "3",
+                           check=False), "--n_layer")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert_usage_error(run("sample.py", "--out_dir", str(tmp_path / "junk"), check=False), "not a readable")
+
+
+def test_sample(data, tmp_path):
+    train(data, tmp_path, "--max_iters", "10", "--eval_interval", "10", "--sample_tokens", "0")
+    p = run("sample.py", "--out_dir", str(tmp_path), "--start", "All:", "--num_samples", "2",
+            "--max_new_tokens", "30", "--device", "cpu")
+    samples = p.stdout.split("---------------\n")
+    assert len(samples) == 3 and all(s.startswith("All:") and len(s) >= 34 for s in samples[:2])
+    greedy = [run("sample.py", "--out_dir", str(tmp_path), "--temperature", "0", "--max_new_tokens", "20",
+                  "--seed", str(seed)).stdout for seed in (1, 2)]
+    assert greedy[0] == greedy[1]  # temperature 0 does not depend on the seed
+    assert_usage_error(run("sample.py", "--out_dir", str(tmp_path), "--start", "Zebra\u00e9", check=False),
+                       "outside the model's vocabulary")
+    assert_usage_error(run("sample.py", "--out_dir", str(tmp_path), "--start", "speak " * 10, check=False),
+                       "block_size")  # 60 characters; gpt's block_size here is 16
+    assert_usage_error(run("sample.py", "--out_dir", str(tmp_path / "nothing"), check=False), "no checkpoint")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU is tested on Linux")
+def test_ddp_two_processes_on_cpu(data, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "train.py"), "--dataset", data, "--out_dir", str(tmp_path), *TINY,
+                        "--max_iters", "6", "--eval_interval", "3", "--device", "cpu"],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 6 and len(ckpt["rng"]) == 2
+    assert "tokens per iteration" in p.stdout and "128 tokens per iteration" in p.stdout  # 2 x 4 x 16

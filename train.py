@@ -1,0 +1,538 @@
+"""
+train.py: one training loop for every model in nanozoo.
+
+    python train.py --model gpt                        # the default model on the default data: minutes on a CPU
+    python train.py --model mamba --kernel triton      # every Config field of the model is a flag
+    python train.py --model gpt --resume               # continue the run saved in --out_dir
+    torchrun --standalone --nproc_per_node 2 train.py --model gpt    # data parallel (DDP)
+
+nanoGPT's loop and flag names: AdamW with weight decay on matrices only, linear warmup then cosine decay,
+gradient clipping and accumulation, bf16 autocast on GPUs that have it (fp16 with a grad scaler on those
+that do not), periodic train/val evaluation, checkpoint and resume, optional torch.compile, DDP.
+Each run writes into --out_dir (default out/<model>): ckpt.pt, config.json, log.jsonl, loss.png, sample.txt.
+The model file is loaded by path and used only through its contract (Config, Model, param_groups, ...).
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MODELS = ("gpt", "mamba", "rwkv", "retnet", "moe")
+
+# The training settings, nanoGPT's names; (default, help). Every model Config field is a flag as well.
+SETTINGS = {
+    "out_dir": (None, "where the run's files go (default: out/<model>)"),
+    "dataset": ("shakespeare_char", "a dataset in data/ (prepared on first use), or a folder path"),
+    "batch_size": (12, "sequences per micro-batch"),
+    "gradient_accumulation_steps": (1, "micro-batches per optimizer step"),
+    "max_iters": (2000, "optimizer steps"),
+    "eval_interval": (250, "evaluate and checkpoint every this many steps"),
+    "eval_iters": (20, "batches per split in each evaluation"),
+    "log_interval": (50, "print and log every this many steps"),
+    "learning_rate": (1e-3, "peak learning rate"),
+    "min_lr": (None, "final learning rate (default: learning_rate / 10)"),
+    "warmup_iters": (100, "linear warmup steps"),
+    "lr_decay_iters": (None, "cosine decay ends here (default: max_iters)"),
+    "decay_lr": (True, "warmup + cosine schedule; false: constant learning_rate"),
+    "weight_decay": (0.1, "AdamW weight decay (matrices only)"),
+    "beta1": (0.9, "AdamW beta1"),
+    "beta2": (0.99, "AdamW beta2 (0.99: few tokens per step)"),
+    "grad_clip": (1.0, "clip the gradient norm to this; 0 disables"),
+    "seed": (1337, "random seed"),
+    "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", "auto, float32, bfloat16 or float16 (autocast); auto: bfloat16 on GPUs that have it"),
+    "compile": (False, "torch.compile the model"),
+    "sample_tokens": (500, "length of the sample written at the end; 0 skips it"),
+}
+
+
+NONE_TYPES = {"min_lr": float, "lr_decay_iters": int}  # the type of the settings whose default is None
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def str2bool(s):
+    if str(s).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(s).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(f"{message} (see: python {self.prog} --model MODEL --help)")
+
+
+def add_flag(parser, name, default, help):
+    """--name VALUE, typed like its default (bools also accept a bare --name)."""
+    if isinstance(default, bool):
+        parser.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default, help=help)
+    else:
+        kind = NONE_TYPES.get(name, str) if default is None else type(default)
+        parser.add_argument(f"--{name}", type=kind, default=default, help=help)
+
+
+def load_model_module(name):
+    """Import <name>.py from the repository by path (so `python train.py` works from any directory)."""
+    if name not in MODELS or not os.path.exists(os.path.join(ROOT, f"{name}.py")):
+        have = [m for m in MODELS if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
+        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(have)}")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(argv):
+    """Two passes: --model picks the model file, whose Config fields then become flags."""
+    pre = Parser(prog="train.py", add_help=False)
+    pre.add_argument("--model", default="gpt")
+    pre.add_argument("--kernel", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.kernel == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # must be set before the model file defines its kernels
+        print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter: exact but very slow "
+              "(for reading and debugging, not training)")
+    module = load_model_module(known.model)
+    parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="gpt", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt")
+    for name, (default, help) in SETTINGS.items():
+        add_flag(parser, name, default, help)
+    model_group = parser.add_argument_group(f"{known.model}.Config (the model)")
+    for f in dataclasses.fields(module.Config):
+        add_flag(model_group, f.name, f.default, "model")
+    args = parser.parse_args(argv)
+    given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # flags typed on the command line
+    return args, given, module
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_dataset(name, prepare=True):
+    """data/<name>/ (or a folder path) with train.bin, val.bin and meta.pkl; runs its prepare.py on first use."""
+    folder = name if os.sep in name or "/" in name else os.path.join(ROOT, "data", name)
+    if not os.path.exists(os.path.join(folder, "prepare.py")) and not os.path.exists(os.path.join(folder, "val.bin")):
+        have = sorted(d for d in os.listdir(os.path.join(ROOT, "data")) if os.path.exists(
+            os.path.join(ROOT, "data", d, "prepare.py")))
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(have)}")
+    if not os.path.exists(os.path.join(folder, "val.bin")):
+        if not prepare:
+            raise UsageError(f"dataset {name!r} is not prepared: run python data/{name}/prepare.py")
+        print(f"preparing dataset {name} (first use): python data/{name}/prepare.py")
+        if subprocess.run([sys.executable, os.path.join(folder, "prepare.py")]).returncode != 0:
+            raise SystemExit(f"error: preparing dataset {name!r} failed (see above)")
+    with open(os.path.join(folder, "meta.pkl"), "rb") as f:
+        meta = pickle.load(f)
+    return folder, meta
+
+
+def get_batch(folder, split, batch_size, block_size, generator, device):
+    # A new memmap each call: a long-lived one leaks memory (as nanoGPT notes).
+    data = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class Tokenizer:
+    """encode/decode for a dataset: its character vocabulary, or the GPT-2 BPE."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        if meta.get("tokenizer") == "gpt2":
+            path = os.path.join(ROOT, "data", "shakespeare", "prepare.py")
+            spec = importlib.util.spec_from_file_location("shakespeare_prepare", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            self.enc = module.gpt2_encoding()
+
+    def encode(self, text):
+        if self.meta.get("tokenizer") == "gpt2":
+            return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        missing = sorted(set(text) - set(self.meta["stoi"]))
+        if missing:
+            raise UsageError(f"the prompt has characters outside the model's vocabulary: {''.join(missing)!r}; "
+                             f"remove them")
+        return [self.meta["stoi"][c] for c in text]
+
+    def decode(self, ids):
+        if self.meta.get("tokenizer") == "gpt2":
+            return self.enc.decode(ids)
+        return "".join(self.meta["itos"][i] for i in ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, loaded with weights_only=True
+
+
+def save_checkpoint(path, ckpt):
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a kill at any moment leaves the old file or the new one
+
+
+def load_checkpoint(path, model=None):
+    """The checkpoint dict; `model` (a name) checks that it holds that model. Bad files are a UsageError."""
+    if not os.path.exists(path):
+        raise UsageError(f"no checkpoint at {path}; train one first (python train.py --model MODEL) "
+                         f"or point --out_dir at its folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable nanozoo checkpoint ({type(e).__name__}); delete it or "
+                         f"point --out_dir elsewhere")
+    if model is not None and ckpt.get("model_name") != model:
+        raise UsageError(f"{path} holds a {ckpt.get('model_name')!r} model, not {model!r}; use "
+                         f"--model {ckpt.get('model_name')} or another --out_dir")
+    return ckpt
+
+
+def build_model(module, model_config, state_dict=None):
+    try:
+        config = module.Config(**model_config)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad model config: {e}")
+    model = module.Model(config)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices, precision, MFU
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A10": 125e12,
+                   "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"bad --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps but MPS is not available; use --device cpu")
+    return device
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU and MPS: full precision is the safe default
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UsageError(f"bad --dtype {name!r}; use auto, float32, bfloat16 or float16")
+    if dtypes[name] == torch.float16 and device.type == "cpu":
+        raise UsageError("--dtype float16 is not supported on CPU; use bfloat16 or float32")
+    return dtypes[name]
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def get_lr(it, s):
+    """Linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT's schedule)."""
+    if not s["decay_lr"]:
+        return s["learning_rate"]
+    if it < s["warmup_iters"]:
+        return s["learning_rate"] * (it + 1) / (s["warmup_iters"] + 1)
+    if it > s["lr_decay_iters"]:
+        return s["min_lr"]
+    ratio = (it - s["warmup_iters"]) / max(1, s["lr_decay_iters"] - s["warmup_iters"])
+    return s["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s["learning_rate"] - s["min_lr"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+def plot_log(log_path, png_path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(log_path)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    ax.plot([r["iter"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.6, label="train (batch)")
+    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path + ".tmp.png", dpi=100)
+    os.replace(png_path + ".tmp.png", png_path)
+    plt.close(fig)
+
+
+def main(argv):
+    args, given, module = parse_args(argv)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                               int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    model_config = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)}
+    settings["out_dir"] = settings["out_dir"] or os.path.join("out", args.model)
+    ckpt_path = os.path.join(settings["out_dir"], "ckpt.pt")
+    ckpt = None
+    if args.resume:  # the saved run's settings and model, with any flag typed now on top
+        ckpt = load_checkpoint(ckpt_path, model=args.model)
+        settings = {**ckpt["settings"], **{k: v for k, v in settings.items() if k in given or k == "out_dir"}}
+        for k in model_config:
+            if k in given and k != "kernel" and model_config[k] != ckpt["model_config"][k]:
+                raise UsageError(f"--{k} {model_config[k]} differs from the checkpoint's {k}={ckpt['model_config'][k]}; "
+                                 f"a resumed run keeps its model (only --kernel may change)")
+        model_config = {**ckpt["model_config"], "kernel": model_config["kernel"]}
+    s = settings
+    s["min_lr"] = s["learning_rate"] / 10 if s["min_lr"] is None else s["min_lr"]
+    s["lr_decay_iters"] = s["max_iters"] if s["lr_decay_iters"] is None else s["lr_decay_iters"]
+    for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        if s[k] < 1:
+            raise UsageError(f"--{k} must be at least 1, got {s[k]}")
+    if s["max_iters"] < 0:
+        raise UsageError(f"--max_iters must be at least 0, got {s['max_iters']}")
+
+    device = pick_device(s["device"] if not ddp or s["device"] != "auto" else
+                         ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ddp:
+        import torch.distributed as dist
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{local_rank}")
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    dtype = pick_dtype(s["dtype"], device)
+    if model_config["kernel"] == "triton" and importlib.util.find_spec("triton") is None:
+        raise UsageError("--kernel triton needs the triton package (Linux only): pip install triton, or use --kernel torch")
+
+    if master:
+        folder, meta = load_dataset(s["dataset"])
+    if ddp:
+        dist.barrier()  # rank 0 prepares the data once
+    folder, meta = load_dataset(s["dataset"], prepare=False)
+    vocab = meta["vocab_size"] if meta.get("tokenizer") != "gpt2" else 50304  # GPT-2's 50257 padded to 64
+    if ckpt is not None and ckpt["meta"] != meta:
+        raise UsageError(f"{ckpt_path} was trained on another vocabulary (dataset {ckpt['settings']['dataset']!r}); "
+                         f"resume with --dataset {ckpt['settings']['dataset']}")
+    if "vocab_size" in given and model_config["vocab_size"] < meta["vocab_size"]:
+        raise UsageError(f"--vocab_size {model_config['vocab_size']} is smaller than the dataset's {meta['vocab_size']}")
+    if "vocab_size" not in given and ckpt is None:
+        model_config["vocab_size"] = vocab
+
+    torch.manual_seed(s["seed"] + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model = build_model(module, model_config, ckpt["model"] if ckpt else None).to(device)
+    config = model.config
+    train_gen = torch.Generator().manual_seed(s["seed"] + rank)  # the training batches' own RNG: resumable
+    groups = model.param_groups(s["weight_decay"])
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]),
+                                  fused=device.type == "cuda")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
+    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+    raw_model = model
+    if s["compile"]:
+        log("compiling the model with torch.compile (takes a minute)...")
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    tokens_per_iter = s["gradient_accumulation_steps"] * world * s["batch_size"] * config.block_size
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    resolved = {"model": args.model, "model_config": dataclasses.asdict(config), "settings": s,
+                "device": str(device), "dtype": str(dtype).replace("torch.", ""), "world_size": world,
+                "parameters": n_params, "tokens_per_iter": tokens_per_iter}
+    log(json.dumps(resolved, indent=1))
+    log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration")
+    os.makedirs(s["out_dir"], exist_ok=True)
+    log_path = os.path.join(s["out_dir"], "log.jsonl")
+    if master:
+        with open(os.path.join(s["out_dir"], "config.json"), "w") as f:
+            json.dump(resolved, f, indent=1)
+        start = ckpt["iter_num"] if ckpt else 0
+        old = [r for r in map(json.loads, open(log_path))] if ckpt and os.path.exists(log_path) else []
+        with open(log_path, "w") as f:  # a resumed run continues the log from its checkpoint's iteration
+            f.writelines(json.dumps(r) + "\n" for r in old if r["iter"] < start or (r["iter"] == start and "val_loss" in r))
+
+    @torch.no_grad()
+    def estimate_loss():
+        out = {}
+        raw_model.eval()
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(0)  # the same batches at every evaluation: comparable numbers
+            with autocast:
+                losses = [raw_model(*get_batch(folder, split, s["batch_size"], config.block_size, gen, device))[1]
+                          for _ in range(s["eval_iters"])]
+            out[split] = torch.stack(losses).float().mean().item()
+        raw_model.train()
+        return out
+
+    def write_log(row):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    iter_num = ckpt["iter_num"] if ckpt else 0
+    best_val = ckpt["best_val_loss"] if ckpt else float("inf")
+    peak = peak_flops(device)
+    t_start, t_last, elapsed0 = time.time(), time.time(), ckpt["elapsed"] if ckpt else 0.0
+    fresh = True  # the iteration a resumed run starts at was evaluated and saved already
+    pending_rng = train_gen.get_state()  # the RNG state that draws the pending batch: what a checkpoint saves
+    x, y = get_batch(folder, "train", s["batch_size"], config.block_size, train_gen, device)
+    while True:
+        lr = get_lr(iter_num, s)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        if (iter_num % s["eval_interval"] == 0 or iter_num == s["max_iters"]) and not (ckpt and fresh):
+            losses = estimate_loss()
+            elapsed = elapsed0 + time.time() - t_start
+            log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            write_log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed})
+            if not math.isfinite(losses["val"]):
+                raise SystemExit(f"error: the val loss is {losses['val']} at iteration {iter_num}; stopping. The last "
+                                 f"good checkpoint is {ckpt_path}")
+            best_val = min(best_val, losses["val"])
+            rng = gather_rng(pending_rng, ddp, world)  # every rank takes part
+            if iter_num > 0 and master:
+                save_checkpoint(ckpt_path, {
+                    "model_name": args.model, "model_config": dataclasses.asdict(config), "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val,
+                    "settings": s, "meta": meta, "elapsed": elapsed, "rng": rng})
+        fresh = False
+        if iter_num >= s["max_iters"]:
+            break
+
+        loss_sum = 0.0
+        for micro in range(s["gradient_accumulation_steps"]):
+            if ddp:  # all-reduce the gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == s["gradient_accumulation_steps"] - 1
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / s["gradient_accumulation_steps"]
+            pending_rng = train_gen.get_state()
+            x, y = get_batch(folder, "train", s["batch_size"], config.block_size, train_gen, device)  # prefetch
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise SystemExit(f"error: the training loss is {loss_sum} at iteration {iter_num}; stopping. The last "
+                             f"good checkpoint is {ckpt_path} (try a lower --learning_rate)")
+        if s["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(raw_model, "after_step"):
+            raw_model.after_step()
+        iter_num += 1
+
+        if iter_num % s["log_interval"] == 0 or iter_num == s["max_iters"]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.time() - t_last) / (iter_num % s["log_interval"] or s["log_interval"])
+            t_last = time.time()
+            tok_s = tokens_per_iter / dt
+            row = {"iter": iter_num, "loss": loss_sum, "lr": lr, "tokens_per_sec": tok_s,
+                   "elapsed": elapsed0 + time.time() - t_start}
+            mfu = ""
+            if peak:
+                row["mfu"] = raw_model.flops_per_token(config.block_size) * tok_s / peak
+                mfu = f", mfu {100 * row['mfu']:.1f}%"
+            if hasattr(raw_model, "metrics"):
+                row.update(raw_model.metrics())
+            log(f"iter {iter_num}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                f"{tok_s:,.0f} tokens/s{mfu}")
+            write_log(row)
+
+    if master:
+        plot_log(log_path, os.path.join(s["out_dir"], "loss.png"), f"{args.model} on {s['dataset']}")
+        if hasattr(raw_model, "metrics"):
+            log(format_metrics(raw_model.metrics()))
+        if s["sample_tokens"] > 0:
+            tok = Tokenizer(meta)
+            torch.manual_seed(s["seed"])
+            start_ids = torch.tensor([tok.encode("\n")], device=device)
+            raw_model.eval()
+            with autocast:
+                text = tok.decode(raw_model.generate(start_ids, s["sample_tokens"], temperature=0.8, top_k=200)[0].tolist())
+            with open(os.path.join(s["out_dir"], "sample.txt"), "w") as f:
+                f.write(text)
+            log(f"---------- sample ----------\n{text}\n----------------------------")
+        log(f"done in {time.time() - t_start:.0f}s: {s['out_dir']}/ has ckpt.pt, log.jsonl, loss.png, sample.txt")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def gather_rng(state, ddp, world):
+    """Every rank's training-batch RNG state, so a resumed DDP run draws the same batches."""
+    if not ddp:
+        return [state]
+    import torch.distributed as dist
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return states
+
+
+def format_metrics(metrics):
+    """A model's extra numbers, lists as a small table (e.g. moe's per-expert load)."""
+    lines = []
+    for k, v in metrics.items():
+        if isinstance(v, (list, tuple)):
+            lines.append(f"{k}: " + " ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v))
+        else:
+            lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
