@@ -497,7 +497,8 @@ def main(argv):
         if s["sample_tokens"] > 0:
             tok = Tokenizer(meta)
             torch.manual_seed(s["seed"])
-            start_ids = torch.tensor([tok.encode("\n")], device=device)
+            newline = meta.get("tokenizer") == "gpt2" or "\n" in meta["stoi"]
+            start_ids = torch.tensor([tok.encode("\n") if newline else [0]], device=device)
             raw_model.eval()
             with autocast:
                 text = tok.decode(raw_model.generate(start_ids, s["sample_tokens"], temperature=0.8, top_k=200)[0].tolist())
