@@ -438,6 +438,7 @@ def main(argv):
                 raise SystemExit(f"error: the val loss is {losses['val']} at iteration {iter_num}; stopping. The last "
                                  f"good checkpoint is {ckpt_path}")
             best_val = min(best_val, losses["val"])
+            t_last = time.time()  # tokens/s measures training, not evaluation
             rng = gather_rng(pending_rng, ddp, world)  # every rank takes part
             if iter_num > 0 and master:
                 save_checkpoint(ckpt_path, {
