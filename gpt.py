@@ -130,8 +130,8 @@ def block_sizes(Tq, D, dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_D): query tile, key tile and padded head dim, for every kernel below.
     64 x 64 tiles are FlashAttention-2's size for head dims up to 128: big enough to keep the tensor cores
     busy, small enough that what a program holds (its Q or K/V tile, plus the streamed tiles, triple-buffered)
-    fits an H100's 228 KB of shared memory. Where a row of K is wider than 256 bytes (fp32 at head dim 128)
-    the streamed tile halves to 32 rows, else it would need 224 KB. A short chunk of queries (decode: Tq = 1)
+    fits the 227 KB of shared memory an H100 gives a program. Where a row of K is wider than 256 bytes (fp32
+    at head dim 128) the key tile halves to 32 rows: 64 would need 224 KB. A short chunk of queries (decode: Tq = 1)
     gets tl.dot's smallest tile, 16 rows, not 64 mostly empty ones. The head dim is padded to a power of two
     (>= 16, tl.dot's smallest) and masked, so 48 runs as a masked 64."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -149,7 +149,7 @@ class FlashAttention(torch.autograd.Function):
         Hkv, Tk = k.size(1), k.size(2)
         BLOCK_M, BLOCK_N, BLOCK_D = block_sizes(Tq, D, q.dtype)
         o = torch.empty_like(q)
-        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # log2-sum-exp per query row
+        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # each row's log-sum-exp, base 2
         _attn_fwd[(triton.cdiv(Tq, BLOCK_M), B * H)](q, k, v, o, lse, H, Hkv, Tq, Tk, D, 1 / math.sqrt(D),
                                                      BLOCK_M, BLOCK_N, BLOCK_D)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -164,6 +164,8 @@ class FlashAttention(torch.autograd.Function):
         BLOCK_M, BLOCK_N, BLOCK_D = block_sizes(Tq, D, q.dtype)
         sm_scale = 1 / math.sqrt(D)
         delta = torch.empty_like(lse)
+        # delta, then dK/dV and dQ in two kernels where the tutorial fuses them in one: with GQA their grids
+        # differ (a program per key tile of a kv head, a program per query tile of a query head).
         _attn_bwd_preprocess[(triton.cdiv(Tq, BLOCK_M), B * H)](o, do, delta, Tq, D, BLOCK_M, BLOCK_D)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _attn_bwd_dkdv[(triton.cdiv(Tk, BLOCK_N), B * Hkv)](q, k, v, do, lse, delta, dk, dv, H, Hkv, Tq, Tk, D,
@@ -181,10 +183,11 @@ if triton is not None:
     @triton.jit
     def _attn_fwd(Q, K, V, O, LSE, H, Hkv, Tq, Tk, D, sm_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """O = softmax(Q K^T / sqrt(D) + causal mask) V for BLOCK_M queries of one (batch, head)."""
+        """O = softmax(Q K^T / sqrt(D) + causal mask) V for BLOCK_M queries of one (batch, head). On a GPU, fp32
+        inputs multiply in TF32 on the tensor cores (tl.dot's default), as torch's do with allow_tf32."""
         start_m, off_bh = tl.program_id(0), tl.program_id(1)
         qk_scale = sm_scale * LOG2E
-        off_bkv = off_bh // H * Hkv + off_bh % H // (H // Hkv)  # GQA: the kv head this query head reads
+        off_bkv = off_bh // H * Hkv + off_bh % H // (H // Hkv)  # GQA: b * Hkv + h // group, the kv head h reads
         kv_base = off_bkv.to(tl.int64) * Tk * D  # int64: B * H * T * D can pass 2^31
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -201,7 +204,7 @@ if triton is not None:
             kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
             k = tl.load(K + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
             v = tl.load(V + offs_kv, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores, fp32, in base 2
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores in fp32, times log2(e) for exp2
             # The causal mask; for the rows we store it also hides the padding keys >= Tk.
             s = tl.where(offs_m[:, None] + Tk - Tq >= offs_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in the first tile and every row sees it
@@ -241,7 +244,7 @@ if triton is not None:
         v = tl.load(V + offs_kv, mask=kv_mask, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        lo = tl.maximum(start_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M  # the first row that sees these keys
+        lo = tl.maximum(start_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M  # rows above lo see none of these keys
         for g in range(H // Hkv):
             off_bh = off_bkv * (H // Hkv) + g  # = b * H + h for the group's g-th query head h
             for start_m in range(lo, Tq, BLOCK_M):
@@ -292,7 +295,7 @@ if triton is not None:
             p = tl.where(offs_m[:, None] + Tk - Tq >= offs_n[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v))  # dP = dO V^T
             ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq)  # dQ = dS K / sqrt(D)
+            dq = tl.dot(ds.to(k.dtype), k, dq)  # dQ = dS K / sqrt(D); the 1/sqrt(D) once, at the end
         tl.store(DQ + offs_q, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
