@@ -369,7 +369,7 @@ def main(argv):
     for g in groups:
         g.setdefault("lr_scale", 1.0)
     optimizer = torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]),
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         train_gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])

@@ -13,9 +13,9 @@ from conftest import MODELS
 SHARED = {
     "check_triton": MODELS,
     "Model.generate": MODELS,
-    "RMSNorm": ("gpt", "mamba", "moe"),
-    "rope_angles": ("gpt", "moe"),
-    "apply_rope": ("gpt", "moe"),
+    "RMSNorm": ("gpt", "mamba", "retnet", "moe"),
+    "rope_angles": ("gpt", "retnet", "moe"),
+    "apply_rope": ("gpt", "retnet", "moe"),
     "causal_mask": ("gpt", "moe"),
     "Attention": ("gpt", "moe"),
     "Model.step": ("gpt", "moe"),
