@@ -1,0 +1,485 @@
+"""
+mamba.py: Mamba-1, a selective state space model, in one file.
+
+Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv 2312.00752).
+A stack of Mamba blocks, x = x + Mixer(RMSNorm(x)) (no MLP), a final RMSNorm, and a head tied to the
+token embedding. Each mixer widens d_model to d_inner = expand * d_model channels c, and every channel
+carries d_state = N numbers n of state:
+
+    x, z     = u W_in                             in_proj, split in two halves of d_inner
+    x        = SiLU(conv(x))                      causal depthwise conv along time, K = 4 taps per channel
+    dt, B, C = x W_x                              x_proj; B, C (N each) are per token, shared by all channels
+    dt       = softplus(dt W_dt + b_dt)           the step size, per token and channel: how much to let in
+    h_t      = exp(dt_t A) * h_{t-1} + dt_t B_t x_t     per (c, n); A = -exp(A_log) < 0, so the decay is in (0, 1]
+    y_t      = C_t . h_t + D x_t                  read the state out, plus a skip
+    out      = (y * SiLU(z)) W_out                gate, out_proj
+
+The h/y lines are the core, `selective_scan(x, dt, A, B, C, D, z, kernel=...)`. "Selective" because dt, B
+and C depend on the input: a large dt resets the state to the current token, a small one keeps the past.
+A is per (channel, state), so unlike attention or Mamba-2 there is no matmul form: the scan is elementwise
+work over a (batch, time, d_inner, N) state, and the game is never to store that state.
+
+    "torch"   the recurrence chunk by chunk over time, with a hand-written backward (ChunkedScan). Only the
+              state entering each chunk is saved; the backward recomputes a chunk's states and runs the
+              adjoint recurrence in reverse. A step is one fused in-place op on a (b, N, d_inner) slab, and a
+              chunk's (b, chunk, N, d_inner) buffers stay in the CPU's cache: about 20 passes over the state
+              per layer, forward and backward. Autograd through the plain loop instead runs a dozen small ops
+              a step, and every x[:, t] in it sends a full-size gradient back (quadratic in T).
+              `selective_scan_ref`, that plain loop, is the test oracle.
+    "triton"  the same algorithm as kernels. A program owns a (BLOCK_D channels, N) tile of the state, in
+              registers, and walks time one step at a time (each step is BLOCK_D * N independent updates),
+              with the D skip and the gate fused; it writes the state out only at chunk starts. The backward
+              kernel takes the chunks in reverse: it recomputes a chunk's states from its entry state into a
+              small scratch, then runs the adjoint recurrence back over them. dB and dC sum over channels: each
+              program stores its partial sums and torch adds them up (deterministic, no atomics).
+              (On a GPU, tl.associative_scan would also parallelise time inside a chunk; Triton's interpreter
+              runs it one element at a time in Python, too slow for the CPU tests, so the loop stays.)
+
+Layout: Config, the scan in PyTorch, the scan in Triton, the layers (RMSNorm, Mixer, Block), the Model
+(forward, prefill/step with a recurrent state of (conv window, ssm state) per layer, generate).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS / Windows: the torch path still works
+    triton = None
+
+
+@dataclass
+class Config:
+    vocab_size: int = 65
+    block_size: int = 64  # the training context; the model itself has no positional limit
+    n_layer: int = 4
+    d_model: int = 128
+    kernel: str = "torch"  # the scan: "torch" or "triton"
+    d_state: int = 16  # N, state numbers per channel
+    expand: int = 2  # d_inner = expand * d_model
+    d_conv: int = 4  # K, taps of the causal depthwise conv
+    dt_rank: int = 0  # rank of the dt projection; 0 means ceil(d_model / 16)
+    dt_min: float = 1e-3  # the initial step sizes are log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    chunk: int = 8  # time steps per chunk of the scan: only the state entering each chunk is saved
+
+    def __post_init__(self):
+        if self.kernel not in ("torch", "triton"):
+            raise ValueError(f"kernel must be 'torch' or 'triton', not {self.kernel!r}")
+        if min(self.d_state, self.expand, self.d_conv, self.chunk) < 1 or self.dt_rank < 0:
+            raise ValueError("d_state, expand, d_conv and chunk must be >= 1 and dt_rank >= 0")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The selective scan in PyTorch
+
+
+def selective_scan(x, dt, A, B, C, D, z=None, h0=None, kernel="torch", chunk=8):
+    """y_t = (C_t . h_t + D x_t) * SiLU(z_t) with h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, h_{-1} = h0 (or 0).
+    x, dt, z: (b, T, Di); A: (Di, N); B, C: (b, T, N); D: (Di,); h0: (b, Di, N).
+    Returns y (b, T, Di) in x's dtype and the last state h (b, Di, N) in fp32; the scan itself runs in fp32."""
+    if kernel == "triton":
+        check_triton(x, dt, A, B, C, D)
+        return TritonScan.apply(x, dt, A, B, C, D, z, h0, chunk)
+    with torch.autocast(x.device.type, enabled=False):  # keep the state and its matmuls in fp32
+        xf = x.float()
+        B, C = B.float().contiguous(), C.float().contiguous()  # slices of x_proj's output: make them rows
+        y, h = ChunkedScan.apply(xf, dt.float(), A.float(), B, C, h0, chunk)
+        y = y + D * xf
+        if z is not None:
+            y = y * F.silu(z.float())
+    return y.to(x.dtype), h
+
+
+def selective_scan_ref(x, dt, A, B, C, D, z=None, h0=None):
+    """The recurrence as the paper writes it, one step at a time: the test oracle. Autograd stores every
+    h_t, (b, T, Di, N) floats, and runs a dozen small ops per step: correct and slow."""
+    b, T, Di = x.shape
+    h = x.new_zeros(b, Di, A.size(1)) if h0 is None else h0
+    ys = []
+    for t in range(T):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]  # (b, Di, N)
+        ys.append((h @ C[:, t, :, None]).squeeze(-1) + D * x[:, t])  # (b, Di)
+    y = torch.stack(ys, dim=1)  # (b, T, Di)
+    return (y if z is None else y * F.silu(z)), h
+
+
+def chunk_states(buf, dt, dtx, At, B, h_in):
+    """The decays a_t = exp(dt_t A) and states h_t of one chunk, both (b, n, N, Di), written into buf.
+    dt, dtx = dt * x: (b, n, Di); At = A transposed: (N, Di); B: (b, n, N); h_in: (b, N, Di), the state before."""
+    n = dt.size(1)
+    a = torch.mul(dt[:, :, None, :], At, out=buf[0, :, :n]).exp_()  # dt >= 0 and A < 0: exp of a number <= 0
+    h = torch.mul(B[..., None], dtx[:, :, None, :], out=buf[1, :, :n])  # dt_t B_t x_t
+    hs, as_ = h.unbind(1), a.unbind(1)  # views of the steps, made once
+    hs[0].addcmul_(as_[0], h_in)
+    for t in range(1, n):  # one fused op per step, in place: h_t = a_t h_{t-1} + dt_t B_t x_t
+        hs[t].addcmul_(as_[t], hs[t - 1])
+    return a, h
+
+
+class ChunkedScan(torch.autograd.Function):
+    """C_t . h_t (no D, no gate) and the last state, with a hand-written backward. Inside, the state is laid out
+    (b, T, N, Di), channels last, so that every op runs along contiguous rows of Di."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, chunk):
+        (b, T, Di), N = x.shape, A.size(1)
+        At, dtx = A.t().contiguous(), dt * x  # (N, Di), (b, T, Di)
+        starts = range(0, T, chunk)
+        h_in = x.new_empty(b, len(starts) + 1, N, Di)  # the state entering each chunk (and the last state)
+        h_in[:, 0] = 0 if h0 is None else h0.transpose(1, 2)
+        buf = x.new_empty(2, b, min(chunk, T), N, Di)  # reused by every chunk: a working set that stays in cache
+        y = x.new_empty(b, T, 1, Di)
+        for c, t0 in enumerate(starts):
+            s = slice(t0, t0 + chunk)
+            a, h = chunk_states(buf, dt[:, s], dtx[:, s], At, B[:, s], h_in[:, c])
+            torch.matmul(C[:, s, None, :], h, out=y[:, s])  # y_t = C_t . h_t: (b, n, 1, N) @ (b, n, N, Di)
+            h_in[:, c + 1] = h[:, -1]
+        ctx.save_for_backward(x, dt, At, B, C, h_in)
+        ctx.chunk, ctx.has_h0 = chunk, h0 is not None
+        return y[:, :, 0], h_in[:, -1].transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        # With g_t = dL/dh_t (the adjoint state), the chain rule through h_t = a_t h_{t-1} + dt_t B_t x_t gives
+        #   g_t = C_t dy_t + a_{t+1} g_{t+1}          the same recurrence, backwards in time
+        #   dL/dB_t = sum_c g_t dt_t x_t,  dL/dx_t = dt_t sum_n g_t B_t,  dL/dC_t = sum_c dy_t h_t
+        #   dL/d(dt_t A) = q_t = g_t a_t h_{t-1}  -> into dt (times A) and A (times dt)
+        x, dt, At, B, C, h_in = ctx.saved_tensors
+        (b, T, Di), N, chunk = x.shape, At.size(0), ctx.chunk
+        dB, dC, dAt = torch.empty_like(B), torch.empty_like(C), torch.zeros_like(At)
+        gB, qA = torch.empty_like(x), torch.empty_like(x)  # sum_n B_t g_t and sum_n A q_t, per step
+        dtx = dt * x
+        buf = x.new_empty(3, b, min(chunk, T), N, Di)
+        carry = dh_last.transpose(1, 2)  # dL/dh flowing into the chunk's last step from after it
+        with torch.autocast(x.device.type, enabled=False):
+            for c, t0 in reversed(list(enumerate(range(0, T, chunk)))):
+                s = slice(t0, t0 + chunk)
+                a, h = chunk_states(buf, dt[:, s], dtx[:, s], At, B[:, s], h_in[:, c])  # recompute the chunk
+                g = torch.mul(C[:, s, :, None], dy[:, s, None, :], out=buf[2, :, :a.size(1)])  # (b, n, N, Di)
+                g[:, -1] += carry
+                gs, as_ = g.unbind(1), a.unbind(1)
+                for t in range(len(gs) - 2, -1, -1):
+                    gs[t].addcmul_(as_[t + 1], gs[t + 1])
+                carry = a[:, 0] * g[:, 0]  # into the previous chunk's last state (or into h0)
+                # sums over channels as (1, Di) @ (Di, N) products, the one over states as (1, N) @ (N, Di)
+                torch.matmul(dy[:, s, None, :], h.transpose(2, 3), out=dC[:, s, None, :])
+                torch.matmul(dtx[:, s, None, :], g.transpose(2, 3), out=dB[:, s, None, :])
+                torch.matmul(B[:, s, None, :], g, out=gB[:, s, None, :])
+                a[:, 1:] *= h[:, :-1]  # a_t h_{t-1}, in place: a is not needed any more
+                a[:, 0] *= h_in[:, c]
+                q = a.mul_(g)  # dL/d(dt_t A): (b, n, N, Di)
+                torch.sum(torch.mul(q, At, out=h), 2, out=qA[:, s])  # h is spent too: its memory takes products
+                dAt += torch.mul(q, dt[:, s, None, :], out=h).sum((0, 1))
+        dh0 = carry.transpose(1, 2) if ctx.has_h0 else None
+        return gB * dt, gB * x + qA, dAt.t(), dB, dC, dh0, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The selective scan in Triton
+
+
+def check_triton(*tensors):
+    """Raise one clear line if the Triton path cannot run on these tensors."""
+    if triton is None:
+        raise RuntimeError("kernel='triton' needs the triton package (Linux only): pip install triton, or use kernel='torch'")
+    if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 set before this file is imported (slow; for reading and debugging)")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _step(x_ptr, dt_ptr, B_ptr, row, t, d, n, Di, N, A, h):
+        """Step t of the recurrence for a (BLOCK_D, BLOCK_N) tile of the state h. Channels past Di and states
+        past N load zeros: a = 1 and no input there, so they stay 0."""
+        x = tl.load(x_ptr + (row + t) * Di + d, mask=d < Di, other=0.0).to(tl.float32)  # (BD,)
+        dt = tl.load(dt_ptr + (row + t) * Di + d, mask=d < Di, other=0.0).to(tl.float32)  # (BD,)
+        Bt = tl.load(B_ptr + (row + t) * N + n, mask=n < N, other=0.0).to(tl.float32)  # (BN,)
+        a = tl.exp(dt[:, None] * A)  # (BD, BN)
+        return x, dt, Bt, a, a * h + (dt * x)[:, None] * Bt[None, :]
+
+    @triton.jit
+    def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, y_ptr, hs_ptr, T, Di, N,
+                         HAS_Z: tl.constexpr, HAS_H0: tl.constexpr,
+                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_b = tl.program_id(0).to(tl.int64)  # int64: offsets like b * T * Di pass 2^31 at long T
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, BLOCK_N)
+        mask_dn = (d[:, None] < Di) & (n[None, :] < N)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0)  # (BD, BN)
+        Dd = tl.load(D_ptr + d, mask=d < Di, other=0.0)  # (BD,)
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # the state: it lives in registers
+        if HAS_H0:
+            h = tl.load(h0_ptr + (pid_b * Di + d[:, None]) * N + n[None, :], mask=mask_dn, other=0.0)
+        n_chunks = tl.cdiv(T, CHUNK)
+        row = pid_b * T
+        for c in range(n_chunks):
+            # the only state that goes to memory: the one entering each chunk, for the backward
+            tl.store(hs_ptr + ((pid_b * (n_chunks + 1) + c) * Di + d[:, None]) * N + n[None, :], h, mask=mask_dn)
+            for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, T)):
+                x, dt, Bt, a, h = _step(x_ptr, dt_ptr, B_ptr, row, t, d, n, Di, N, A, h)
+                Ct = tl.load(C_ptr + (row + t) * N + n, mask=n < N, other=0.0).to(tl.float32)
+                y = tl.sum(h * Ct[None, :], axis=1) + Dd * x  # (BD,): C_t . h_t + D x_t
+                if HAS_Z:  # the gate, fused: y * SiLU(z)
+                    z = tl.load(z_ptr + (row + t) * Di + d, mask=d < Di, other=0.0).to(tl.float32)
+                    y = y * z * tl.sigmoid(z)
+                tl.store(y_ptr + (row + t) * Di + d, y.to(y_ptr.dtype.element_ty), mask=d < Di)
+        tl.store(hs_ptr + ((pid_b * (n_chunks + 1) + n_chunks) * Di + d[:, None]) * N + n[None, :], h, mask=mask_dn)
+
+    @triton.jit
+    def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, hs_ptr, dy_ptr, dhT_ptr, buf_ptr,
+                         dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, dh0_ptr, T, Di, N,
+                         HAS_Z: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, BLOCK_N)
+        mask_dn = (d[:, None] < Di) & (n[None, :] < N)
+        tile = d[:, None] * N + n[None, :]  # offsets of a (BD, BN) state tile within one (Di, N) state
+        A = tl.load(A_ptr + tile, mask=mask_dn, other=0.0)
+        Dd = tl.load(D_ptr + d, mask=d < Di, other=0.0)
+        # g_t = dL/dh_t runs backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}. `carry` holds a_{t+1} g_{t+1}.
+        carry = tl.load(dhT_ptr + pid_b * Di * N + tile, mask=mask_dn, other=0.0)
+        dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        n_chunks = tl.cdiv(T, CHUNK)
+        row = pid_b * T
+        buf = buf_ptr + pid_b * (CHUNK + 1) * Di * N + tile  # this program's scratch: the chunk's states
+        for j in range(n_chunks):
+            c = n_chunks - 1 - j
+            t0, t1 = c * CHUNK, tl.minimum(c * CHUNK + CHUNK, T)
+            # recompute the chunk forward from its saved entry state: buf row t - t0 + 1 holds h_t
+            h = tl.load(hs_ptr + (pid_b * (n_chunks + 1) + c) * Di * N + tile, mask=mask_dn, other=0.0)
+            tl.store(buf, h, mask=mask_dn)
+            for t in range(t0, t1):
+                _, _, _, _, h = _step(x_ptr, dt_ptr, B_ptr, row, t, d, n, Di, N, A, h)
+                tl.store(buf + (t - t0 + 1) * Di * N, h, mask=mask_dn)
+            # then walk it backwards
+            for k in range(t1 - t0):
+                t = t1 - 1 - k
+                h_prev = tl.load(buf + (t - t0) * Di * N, mask=mask_dn, other=0.0)  # h_{t-1}
+                x, dt, Bt, a, h = _step(x_ptr, dt_ptr, B_ptr, row, t, d, n, Di, N, A, h_prev)
+                mask = d < Di
+                Ct = tl.load(C_ptr + (row + t) * N + n, mask=n < N, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + (row + t) * Di + d, mask=mask, other=0.0).to(tl.float32)
+                if HAS_Z:  # through the gate y_out = y * SiLU(z)
+                    z = tl.load(z_ptr + (row + t) * Di + d, mask=mask, other=0.0).to(tl.float32)
+                    sig = tl.sigmoid(z)
+                    y = tl.sum(h * Ct[None, :], axis=1) + Dd * x
+                    tl.store(dz_ptr + (row + t) * Di + d, dy * y * sig * (1 + z * (1 - sig)), mask=mask)
+                    dy = dy * z * sig
+                g = Ct[None, :] * dy[:, None] + carry  # (BD, BN)
+                q = g * a * h_prev  # dL/d(dt_t A)
+                gB = tl.sum(g * Bt[None, :], axis=1)  # (BD,)
+                tl.store(dx_ptr + (row + t) * Di + d, gB * dt + Dd * dy, mask=mask)
+                tl.store(ddt_ptr + (row + t) * Di + d, gB * x + tl.sum(q * A, axis=1), mask=mask)
+                dA += q * dt[:, None]
+                dD += dy * x
+                # dB, dC sum over all channels: store this block's partial sums; the host adds the blocks
+                part = ((pid_b * tl.num_programs(1) + pid_d) * T + t) * N + n
+                tl.store(dB_ptr + part, tl.sum(g * (dt * x)[:, None], axis=0), mask=n < N)
+                tl.store(dC_ptr + part, tl.sum(h * dy[:, None], axis=0), mask=n < N)
+                carry = a * g
+        tl.store(dA_ptr + pid_b * Di * N + tile, dA, mask=mask_dn)
+        tl.store(dD_ptr + pid_b * Di + d, dD, mask=d < Di)
+        tl.store(dh0_ptr + pid_b * Di * N + tile, carry, mask=mask_dn)
+
+
+class TritonScan(torch.autograd.Function):
+    """The kernels joined for autograd. Between forward and backward it keeps the inputs and the state entering
+    each chunk, (b, T / chunk + 1, Di, N): nothing of size T * N."""
+
+    BLOCK_D = 64  # channels per program on a GPU: a (64, 16) fp32 state tile is 8 registers a thread (4 warps)
+    BLOCK_D_CPU = 256  # under the interpreter every program costs Python time: fewer, wider ones
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, h0, chunk):
+        x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
+        z = z.contiguous() if z is not None else None
+        (b, T, Di), N = x.shape, A.size(1)
+        A, D = A.float().contiguous(), D.float().contiguous()
+        h0f = h0.float().contiguous() if h0 is not None else None
+        y = torch.empty_like(x)
+        hs = x.new_empty(b, triton.cdiv(T, chunk) + 1, Di, N, dtype=torch.float32)  # chunk entry states + last
+        block_d = TritonScan.BLOCK_D if x.is_cuda else min(TritonScan.BLOCK_D_CPU, triton.next_power_of_2(Di))
+        grid = (b, triton.cdiv(Di, block_d))
+        _scan_fwd_kernel[grid](x, dt, A, B, C, D, z, h0f, y, hs, T, Di, N, HAS_Z=z is not None, HAS_H0=h0 is not None,
+                               CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N))
+        ctx.save_for_backward(x, dt, A, B, C, D, z, hs)
+        ctx.chunk, ctx.block_d, ctx.has_h0 = chunk, block_d, h0 is not None
+        return y, hs[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        x, dt, A, B, C, D, z, hs = ctx.saved_tensors
+        (b, T, Di), N = x.shape, A.size(1)
+        grid = (b, triton.cdiv(Di, ctx.block_d))
+        f32 = dict(dtype=torch.float32, device=x.device)
+        dx, ddt, dz = (torch.empty(b, T, Di, **f32) for _ in range(3))
+        dA, dh0, dD = torch.empty(b, Di, N, **f32), torch.empty(b, Di, N, **f32), torch.empty(b, Di, **f32)
+        buf = torch.empty(b, ctx.chunk + 1, Di, N, **f32)  # the kernel's scratch for the states of one chunk
+        dB, dC = torch.empty(b, grid[1], T, N, **f32), torch.empty(b, grid[1], T, N, **f32)  # per channel block
+        _scan_bwd_kernel[grid](x, dt, A, B, C, D, z, hs, dy.contiguous(), dh_last.float().contiguous(), buf,
+                               dx, ddt, dz, dA, dD, dB, dC, dh0, T, Di, N, HAS_Z=z is not None,
+                               CHUNK=ctx.chunk, BLOCK_D=ctx.block_d, BLOCK_N=triton.next_power_of_2(N))
+        return (dx.to(x.dtype), ddt.to(dt.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                dD.sum(0), dz.to(z.dtype) if z is not None else None, dh0 if ctx.has_h0 else None, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean subtraction and the bias."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class Mixer(nn.Module):
+    """The Mamba block between the norm and the residual add (the official `Mamba` module)."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, Di, N, R, K = config.d_model, config.expand * config.d_model, config.d_state, config.dt_rank, config.d_conv
+        self.config = config
+        self.in_proj = nn.Linear(D, 2 * Di, bias=False)
+        # the depthwise conv's taps, (K, Di) so that a tap is a contiguous row, and bias, both initialised as
+        # nn.Conv1d would: U(+-1/sqrt(K))
+        self.conv_weight = nn.Parameter(torch.empty(K, Di).uniform_(-K ** -0.5, K ** -0.5))
+        self.conv_bias = nn.Parameter(torch.empty(Di).uniform_(-K ** -0.5, K ** -0.5))
+        self.x_proj = nn.Linear(Di, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, Di, bias=False)  # its bias is dt_bias below, kept apart to stay fp32
+        nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
+        # dt_bias = softplus^-1(dt) for dt log-uniform in [dt_min, dt_max], so every channel starts at its own
+        # time scale. softplus^-1(dt) = log(e^dt - 1) = dt + log(1 - e^-dt), the expm1 form exact for small dt.
+        dt = torch.exp(torch.empty(Di).uniform_(math.log(config.dt_min), math.log(config.dt_max))).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A = -(1, 2, ..., N) in every channel, stored as its log so that A stays negative
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(Di, 1))  # (Di, N)
+        self.D = nn.Parameter(torch.ones(Di))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.out_proj = nn.Linear(Di, D, bias=False)
+
+    def forward(self, u, state=None):
+        """u (b, T, d_model) after the tokens that left `state` = (conv window, ssm state), or None for a new
+        sequence. Returns (b, T, d_model) and the state after the last token."""
+        (b, T, _), K, N, R = u.shape, self.config.d_conv, self.config.d_state, self.config.dt_rank
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, T, Di) each
+        window, h = (x.new_zeros(b, K - 1, x.size(-1)), None) if state is None else state  # window: (b, K-1, Di)
+        xw = torch.cat([window.to(x.dtype), x], dim=1)  # (b, K-1+T, Di): the inputs the conv sees
+        x = F.silu(self.conv_bias + sum(xw[:, k:k + T] * self.conv_weight[k] for k in range(K)))  # (b, T, Di)
+        dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)  # (b, T, R), (b, T, N), (b, T, N)
+        dt = F.softplus(self.dt_proj(dt).float() + self.dt_bias)  # (b, T, Di), fp32
+        A = -torch.exp(self.A_log)  # (Di, N), fp32
+        y, h = selective_scan(x, dt, A, B, C, self.D, z, h, self.config.kernel, self.config.chunk)
+        return self.out_proj(y), (xw[:, T:], h)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm, self.mixer = RMSNorm(config.d_model, eps=1e-5), Mixer(config)
+
+    def forward(self, x, state=None):
+        y, state = self.mixer(self.norm(x), state)
+        return x + y, state
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+
+class Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=1e-5)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in the official model
+        # The official init: embedding N(0, 0.02); the linear layers keep PyTorch's default; out_proj, which
+        # writes into the residual stream, scaled down by sqrt(n_layer) so the stream does not grow with depth.
+        nn.init.normal_(self.wte.weight, std=0.02)
+        for block in self.blocks:
+            block.mixer.out_proj.weight.data /= math.sqrt(config.n_layer)
+
+    def forward(self, idx, targets=None):
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} is longer than block_size={self.config.block_size}; "
+                             f"use a shorter sequence, a larger block_size, or prefill/step (no length limit)")
+        logits, _ = self.prefill(idx)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def prefill(self, idx, state=None):
+        """Run the tokens idx (B, T) in parallel after `state` (None: a new sequence). Returns the logits
+        (B, T, vocab_size) and the state after the last token: per layer (the last K-1 conv inputs (B, K-1, Di),
+        the ssm state (B, Di, N)), the same size however long the sequence."""
+        x = self.wte(idx)  # (B, T, d_model)
+        states = []
+        for block, s in zip(self.blocks, state or [None] * len(self.blocks)):
+            x, s = block(x, s)
+            states.append(s)
+        return self.lm_head(self.norm_f(x)), states
+
+    def step(self, token, state=None):
+        """Feed one token (B,) after `state`; returns logits (B, vocab_size) and the new state."""
+        logits, state = self.prefill(token[:, None], state)
+        return logits[:, 0], state
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Append max_new_tokens sampled tokens to idx (B, T): one parallel prefill of the prompt, then one
+        step per new token, so the prompt is never recomputed. temperature=0 picks the most likely token."""
+        logits, state = self.prefill(idx)
+        logits = logits[:, -1]  # (B, vocab_size)
+        for i in range(max_new_tokens):
+            if i > 0:
+                logits, state = self.step(idx[:, -1], state)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat([idx, idx_next], dim=1)
+        return idx
+
+    def param_groups(self, weight_decay):
+        """AdamW groups: weight decay on the matrices (linear layers, conv taps, embedding); none on A_log, D,
+        dt_bias (the official model flags them _no_weight_decay), the norm gains and the conv bias."""
+        decay = lambda p: p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)  # noqa: E731
+        params = list(self.parameters())
+        return [{"params": [p for p in params if decay(p)], "weight_decay": weight_decay},
+                {"params": [p for p in params if not decay(p)], "weight_decay": 0.0}]
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward + backward): 6 per matmul (and conv tap) parameter, plus the scan's
+        ~7 per (channel, state) forward (exp(dt A), dt B x, a h + b, C . h) and twice that backward. No T term:
+        the cost of a token does not grow with the context."""
+        N = sum(p.numel() for p in self.parameters() if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False))
+        c = self.config
+        return 6 * N + 21 * c.n_layer * c.expand * c.d_model * c.d_state
