@@ -53,8 +53,9 @@ SETTINGS = {
     "seq_lens": ([256, 1024, 4096], [1024, 2048, 4096, 8192, 16384], [32, 64], "kernels: sequence lengths T"),
     "tokens": (4096, 16384, 64, "kernels: tokens per call; batch B = max(1, tokens // T)"),
     "width": (128, 1024, 64, "kernels: model width d (heads of 64; d_inner 2d for the scan)"),
-    "warmup": (2, 5, 1, "kernels, train: untimed runs first"),
-    "repeats": (5, 20, 2, "kernels, train: timed runs (the median is reported)"),
+    "warmup": (2, 3, 1, "kernels, train: untimed runs first"),
+    "repeats": (5, 10, 2, "kernels, train: timed runs (the median is reported)"),
+    "model_kernel": ("torch", "triton", "torch", "generate, compare, mqar: the kernel every model runs"),
     "size": ("", GPT2_SMALL, "n_layer=1,d_model=64,block_size=16", "train, generate: Config fields, k=v,..."),
     "batch_size": (12, 16, 2, "train, compare: sequences per step"),
     "contexts": ([128, 512, 2048, 8192], [1024, 4096, 16384, 32768], [16, 48], "generate: context lengths"),
@@ -64,7 +65,7 @@ SETTINGS = {
     "compare_size": ("", "n_layer=6,n_head=6,n_kv_head=6,mlp_hidden=1024,ffn_hidden=768,expert_hidden=512,"
                      "d_model=384,block_size=256", "n_layer=1,d_model=64,block_size=16",
                      "compare: Config fields; d_model is then refit per model to gpt's parameter count"),
-    "iters": (250, 3000, 6, "compare: training steps per model (equal tokens)"),
+    "iters": (250, 2000, 6, "compare: training steps per model (equal tokens)"),
     "seconds": (0.0, 0.0, 0.0, "compare: if > 0, train each model this long instead (equal wall time)"),
     "learning_rate": (1e-3, 1e-3, 1e-3, "compare: peak learning rate (warmup, then cosine to a tenth)"),
     "eval_every": (25, 250, 3, "compare: steps between val-loss evaluations"),
@@ -74,7 +75,7 @@ SETTINGS = {
     "mqar_vocab": (64, 8192, 64, "mqar: vocabulary, keys in the lower half, values in the upper"),
     "mqar_d_model": (128, 128, 64, "mqar: model width"),
     "mqar_layers": (2, 2, 2, "mqar: layers (one attention layer cannot solve it)"),
-    "mqar_steps": (250, 2000, 10, "mqar: training steps, a fresh batch each"),
+    "mqar_steps": (250, 1000, 10, "mqar: training steps, a fresh batch each"),
     "mqar_batch": (64, 256, 8, "mqar: examples per step"),
     "mqar_lrs": ([1e-3], [1e-3], [1e-3], "mqar: learning rates tried; the best is reported"),
     "mqar_test": (256, 1000, 16, "mqar: held-out examples per (L, K)"),
@@ -104,6 +105,11 @@ def peak_mb(device):
 def reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def failure(e):
+    """One line for a row that could not be timed."""
+    return "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
 
 
 def fields(module, spec):
@@ -252,8 +258,16 @@ def wkv7_case(f, B, T, d, device, dtype):
     w = torch.exp(-math.exp(-0.5) * torch.sigmoid(torch.randn(B, T, H, N, device=device)))  # in (0.545, 1)
     kk = F.normalize(torch.randn(B, T, H, N, device=device), dim=-1)  # w, a, b in fp32, as TimeMix makes them
     a, b = -kk, kk * torch.rand(B, T, H, N, device=device)  # -kk, kk * alpha
-    return (lambda kernel: f(r, w, k, v, a, b, kernel=kernel)[0], [r, w, k, v, a, b],
-            10 * B * T * H * N * N)  # ~5 multiply-adds per state element per token, as rwkv.py counts
+    log_w = w.log().detach()  # for fla, which takes the log of the decay
+
+    def call(kernel):
+        if kernel == "fla":  # flash-linear-attention's chunked WKV-7 (a GPU reference; not a nanozoo dependency)
+            from fla.ops.rwkv7 import chunk_rwkv7
+            log_w.grad = None
+            log_w.requires_grad_(w.requires_grad)  # its gradient in place of w's
+            return chunk_rwkv7(*(x.to(r.dtype) for x in (r, log_w, k, v, a, b)))[0]
+        return f(r, w, k, v, a, b, kernel=kernel)[0]
+    return call, [r, w, k, v, a, b], 10 * B * T * H * N * N  # ~5 multiply-adds per state element per token
 
 
 def retention_case(f, B, T, d, device, dtype):
@@ -279,7 +293,7 @@ def experts_case(f, B, T, d, device, dtype):
 CORES = {  # core: (model file, function, kernels it takes, case)
     "attention": ("gpt", "attention", ("torch", "sdpa", "triton"), attention_case),
     "selective_scan": ("mamba", "selective_scan", ("torch", "triton"), scan_case),
-    "wkv7": ("rwkv", "wkv7", ("torch", "triton"), wkv7_case),
+    "wkv7": ("rwkv", "wkv7", ("torch", "triton", "fla"), wkv7_case),  # fla: only where it is installed
     "retention": ("retnet", "retention", ("torch", "triton"), retention_case),
     "experts": ("moe", "experts", ("torch", "triton"), experts_case),
 }
@@ -307,6 +321,9 @@ def bench_kernels(s, models, device, dtype):
                    ("ms", ".3f", 9), ("TFLOP/s", ".3g", 8), ("GB/s", ".3g", 7), ("peak_MB", ".0f", 7),
                    ("speedup", ".2f", 7)])
     rows = []
+    have_fla = importlib.util.find_spec("fla") is not None
+    if "fla" in s["kernels"] and not have_fla:
+        print("note: fla (flash-linear-attention) is not installed: no fla timings")
     for core, (name, fn_name, takes, case) in CORES.items():
         if name not in models:
             continue
@@ -322,7 +339,7 @@ def bench_kernels(s, models, device, dtype):
                 for t in inputs:
                     t.requires_grad_(backward and t.is_floating_point())
                 group = []
-                for kernel in [k for k in s["kernels"] if k in takes]:
+                for kernel in [k for k in s["kernels"] if k in takes and (k != "fla" or have_fla)]:
                     def run():
                         for t in inputs:
                             t.grad = None
@@ -336,9 +353,10 @@ def bench_kernels(s, models, device, dtype):
                            "pass": "fwd+bwd" if backward else "fwd"}
                     try:
                         sec, peak, out = time_call(run, device, s["warmup"], s["repeats"])
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                        row["error"] = "out of memory"
+                    except Exception as e:  # out of memory, or a path that fails here: note it, go on
+                        torch.cuda.empty_cache() if device.type == "cuda" else None
+                        row["error"] = failure(e)
+                        print(f"{core} {kernel} T={T}: {row['error']}")
                     else:
                         n = 3 if backward else 1
                         nbytes = n * sum(t.numel() * t.element_size() for t in inputs + [out])
@@ -397,8 +415,9 @@ def bench_train(s, models, device, dtype):
             try:
                 sec, peak, _ = time_call(lambda: train_step(model, optimizer, x, y, autocast), device,
                                          s["warmup"], s["repeats"])
-            except torch.OutOfMemoryError:
-                row["error"] = "out of memory"
+            except Exception as e:
+                row["error"] = failure(e)
+                print(f"{name} {kernel}: {row['error']}")
             else:
                 flops = model.flops_per_token(c.block_size) * B * c.block_size / sec
                 peak_f = peak_flops(device)
@@ -435,7 +454,8 @@ def bench_generate(s, models, device, dtype):
     for name in models:
         module = load_model_module(name)
         torch.manual_seed(0)
-        size = {**fields(module, s["size"]), "block_size": max(s["contexts"]) + s["gen_steps"]}  # no sliding
+        size = {**fields(module, s["size"]), "block_size": max(s["contexts"]) + s["gen_steps"],  # no sliding
+                "kernel": s["model_kernel"]}
         model = build(module, size, device)
         if model is None:
             continue
@@ -516,7 +536,7 @@ def bench_compare(s, models, device, dtype):
     rows = []
     for name in models:
         module = load_model_module(name)
-        config = {**fields(module, s["compare_size"]), "vocab_size": vocab}
+        config = {**fields(module, s["compare_size"]), "vocab_size": vocab, "kernel": s["model_kernel"]}
         config["d_model"], params = fit_d_model(module, config, target, reference.d_model)
         torch.manual_seed(s["seed"])
         model = build_model(module, config).to(device)
@@ -649,7 +669,7 @@ def bench_mqar(s, models, device, dtype):
                     t0 = time.perf_counter()
                     acc, state, loss = train_mqar(module, L, K, s["mqar_vocab"], s["mqar_steps"], s["mqar_batch"], lr,
                                                   device, dtype, s["mqar_test"], s["seed"], d_model=s["mqar_d_model"],
-                                                  n_layer=s["mqar_layers"])
+                                                  n_layer=s["mqar_layers"], kernel=s["model_kernel"])
                     runs.append({"lr": lr, "accuracy": acc, "loss": loss, "seconds": time.perf_counter() - t0})
                 best = max(runs, key=lambda r: r["accuracy"])
                 row = {"model": name, "L": L, "K": K, **best, "state": state, "runs": runs}

@@ -111,6 +111,8 @@ def experts(x, expert_ids, gates, weights, kernel="torch"):
     x: (N, d); expert_ids (int64), gates: (N, k); weights = (w_fc (E, d, 2h): W_gate | W_up, w_proj (E, h, d))."""
     w_fc, w_proj = weights
     slot, token, offsets = sort_by_expert(expert_ids, w_fc.size(0))
+    if kernel == "triton" and x.is_cuda and torch.is_autocast_enabled("cuda"):
+        x = x.to(torch.get_autocast_dtype("cuda"))  # autocast skips custom kernels: cast as it would a matmul
     gates = gates.flatten()[slot].to(x.dtype)  # (N*k,) the gate of each sorted pair
     if kernel == "triton":
         check_triton(x, w_fc, w_proj)
@@ -286,12 +288,12 @@ class ExpertsTriton(torch.autograd.Function):
         a = (F.silu(gate) * up).contiguous()  # (N*k, h), sorted
         ys = grouped_mm(a, w_proj, schedule, offsets, n_rows, y_rows=slot, scale=gates)  # (N*k, d), by slot
         ctx.save_for_backward(x, gates, w_fc, w_proj, slot, token, offsets, h)
-        return ys.view(x.size(0), -1, x.size(1)).sum(1)  # (N, d)
+        return ys.view(x.size(0), -1, x.size(1)).sum(1, dtype=x.dtype)  # (N, d); autocast would make it fp32
 
     @staticmethod
     def backward(ctx, dy):
         x, gates, w_fc, w_proj, slot, token, offsets, h = ctx.saved_tensors
-        dy, n_rows = dy.contiguous(), slot.numel()
+        dy, n_rows = dy.to(x.dtype).contiguous(), slot.numel()
         schedule = block_schedule(offsets, n_rows)
         gate, up = h.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)

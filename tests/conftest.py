@@ -2,13 +2,28 @@
 Shared fixtures. Tests reach a model file only through `load_model(name)`, which imports <name>.py by path
 from the models directory: the repository by default, or `--models-dir DIR` (env NANOZOO_MODELS_DIR), so
 the same tests can grade another copy of a file, a student's.
+
+NANOZOO_TEST_DEVICE=cuda runs the model and kernel tests on a GPU instead, with the Triton kernels compiled
+for real (test_gpt_triton, test_mamba, test_rwkv, test_retnet, test_moe, test_models; the others are CPU
+tests). Tensors are then born on the GPU, and fp32 tl.dot runs in full precision (TRITON_F32_DEFAULT=ieee)
+rather than TF32, so that the fp32 tolerances, written for exact arithmetic, still hold.
 """
 import importlib.util
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any model file defines its kernels: Triton runs on the CPU here
+DEVICE = os.environ.get("NANOZOO_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before any model file defines its kernels: Triton runs on the CPU here
+else:
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def default_device():
+    """Every test starts with tensors born on DEVICE (set per test: some torch modes reset it on exit)."""
+    torch.set_default_device(DEVICE)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("gpt", "mamba", "rwkv", "retnet", "moe")

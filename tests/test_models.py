@@ -147,7 +147,7 @@ def test_flops_per_token(mod):
 def test_triton_needs_interpreter_or_gpu(mod, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        mod.check_triton(torch.zeros(1))
+        mod.check_triton(torch.zeros(1, device="cpu"))
 
 
 def test_triton_model_matches_torch(mod):
