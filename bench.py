@@ -75,6 +75,9 @@ SETTINGS = {
     "mqar_vocab": (64, 8192, 64, "mqar: vocabulary, keys in the lower half, values in the upper"),
     "mqar_d_model": (128, 128, 64, "mqar: model width"),
     "mqar_layers": (2, 2, 2, "mqar: layers (one attention layer cannot solve it)"),
+    "mqar_config": ("qk_norm=true,n_kv_head=4", "qk_norm=true,n_kv_head=4", "qk_norm=true,n_kv_head=4",
+                    "mqar: Config fields for every model that has them (attention with a kv head per query head "
+                    "and QK-norm learns recall in fewer steps)"),
     "mqar_steps": (250, 1000, 10, "mqar: training steps, a fresh batch each"),
     "mqar_batch": (64, 256, 8, "mqar: examples per step"),
     "mqar_lrs": ([1e-3], [1e-3], [1e-3], "mqar: learning rates tried; the best is reported"),
@@ -668,8 +671,9 @@ def bench_mqar(s, models, device, dtype):
                 for lr in s["mqar_lrs"]:
                     t0 = time.perf_counter()
                     acc, state, loss = train_mqar(module, L, K, s["mqar_vocab"], s["mqar_steps"], s["mqar_batch"], lr,
-                                                  device, dtype, s["mqar_test"], s["seed"], d_model=s["mqar_d_model"],
-                                                  n_layer=s["mqar_layers"], kernel=s["model_kernel"])
+                                                  device, dtype, s["mqar_test"], s["seed"],
+                                                  **{**fields(module, s["mqar_config"]), "d_model": s["mqar_d_model"],
+                                                     "n_layer": s["mqar_layers"], "kernel": s["model_kernel"]})
                     runs.append({"lr": lr, "accuracy": acc, "loss": loss, "seconds": time.perf_counter() - t0})
                 best = max(runs, key=lambda r: r["accuracy"])
                 row = {"model": name, "L": L, "K": K, **best, "state": state, "runs": runs}

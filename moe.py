@@ -345,20 +345,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 def rope_angles(positions, head_dim, theta):
-    """cos and sin of the rotation angles n * theta^(-2i/D), each (T, D/2), for positions (T,)."""
+    """The rotations e^(i n theta_j), theta_j = theta^(-2j/D), as complex numbers (T, D/2), for positions n (T,)."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[:, None] * freqs[None, :]  # (T, D/2)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate the pairs (x_i, x_{i+D/2}) of x (B, H, T, D) by the angles whose cos and sin are (T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+def apply_rope(x, rope):
+    """Rotate x (B, H, T, D) by rope (T, D/2): each pair (x_2j, x_2j+1) is read as the complex number
+    x_2j + i x_2j+1, and a rotation is a product with e^(i angle): one op, where cos and sin take six."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2), complex
+    return torch.view_as_real(pairs * rope).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -369,17 +370,19 @@ class Attention(nn.Module):
         self.kernel = config.kernel
         self.c_attn = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
-        self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, rope, cache=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        qk, v = self.c_attn(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        qk = qk.view(B, T, H + Hkv, D).transpose(1, 2)  # (B, H + Hkv, T, D): the query heads, then the key heads
+        if self.qk_norm:
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
+        q, k = apply_rope(qk, rope).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D): one rotation for both
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:  # keys and values of the earlier positions, already rotated
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, Hkv, Tk, D)
         y = attention(q, k, v, self.kernel)  # (B, H, T, D)
@@ -445,8 +448,8 @@ class Block(nn.Module):
         self.norm1, self.attn = RMSNorm(config.d_model), Attention(config)
         self.norm2, self.moe = RMSNorm(config.d_model), MoE(config)
 
-    def forward(self, x, cos, sin, cache=None):
-        a, kv = self.attn(self.norm1(x), cos, sin, cache)
+    def forward(self, x, rope, cache=None):
+        a, kv = self.attn(self.norm1(x), rope, cache)
         x = x + a
         x = x + self.moe(self.norm2(x))
         return x, kv
@@ -497,13 +500,13 @@ class Model(nn.Module):
         if T > 1 and cached + T > self.config.block_size:
             raise ValueError(f"{cached} cached + {T} new tokens is longer than block_size={self.config.block_size}; "
                              f"feed the rest token by token with step()")
-        cos, sin = rope_angles(torch.arange(start, start + T, device=idx.device), self.config.d_model //
+        rope = rope_angles(torch.arange(start, start + T, device=idx.device), self.config.d_model //
                                self.config.n_head, self.config.rope_theta)
         x = self.wte(idx)  # (B, T, d_model)
         caches = [None] * len(self.blocks) if state is None else state["kv"]
         new_caches = []
         for block, cache in zip(self.blocks, caches):
-            x, (k, v) = block(x, cos, sin, cache)
+            x, (k, v) = block(x, rope, cache)
             # A full cache slides: the oldest position drops out. RoPE encodes only distances, so the
             # positions kept are still scored exactly as before.
             new_caches.append((k[:, :, -self.config.block_size:], v[:, :, -self.config.block_size:]))

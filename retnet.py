@@ -332,20 +332,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 def rope_angles(positions, head_dim, theta):
-    """cos and sin of the rotation angles n * theta^(-2i/D), each (T, D/2), for positions (T,)."""
+    """The rotations e^(i n theta_j), theta_j = theta^(-2j/D), as complex numbers (T, D/2), for positions n (T,)."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[:, None] * freqs[None, :]  # (T, D/2)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate the pairs (x_i, x_{i+D/2}) of x (B, H, T, D) by the angles whose cos and sin are (T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+def apply_rope(x, rope):
+    """Rotate x (B, H, T, D) by rope (T, D/2): each pair (x_2j, x_2j+1) is read as the complex number
+    x_2j + i x_2j+1, and a rotation is a product with e^(i angle): one op, where cos and sin take six."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2), complex
+    return torch.view_as_real(pairs * rope).flatten(-2).type_as(x)
 
 
 class MultiScaleRetention(nn.Module):
@@ -359,14 +360,14 @@ class MultiScaleRetention(nn.Module):
         self.group_norm = nn.GroupNorm(H, 2 * d)  # one group per head: each head's 2*head_dim channels
         self.register_buffer("gamma", 1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float32)), persistent=False)
 
-    def forward(self, x, cos, sin, state=None):
+    def forward(self, x, rope, state=None):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         q, k, v, g = self.c_qkvg(x).split([C, C, 2 * C, 2 * C], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, H, 2 * D).transpose(1, 2)  # (B, H, T, 2D)
-        q, k = apply_rope(q, cos, sin) * D ** -0.5, apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rope) * D ** -0.5, apply_rope(k, rope)
         y, state = retention(q, k, v, self.gamma, state, self.kernel, self.chunk_size)  # (B, H, T, 2D)
         y = self.group_norm(y.transpose(1, 2).reshape(B * T, 2 * C)).view(B, T, 2 * C)
         return self.c_proj(F.silu(g) * y), state
@@ -388,8 +389,8 @@ class Block(nn.Module):
         self.norm1, self.msr = RMSNorm(config.d_model), MultiScaleRetention(config)
         self.norm2, self.ffn = RMSNorm(config.d_model), FFN(config)
 
-    def forward(self, x, cos, sin, state=None):
-        y, state = self.msr(self.norm1(x), cos, sin, state)
+    def forward(self, x, rope, state=None):
+        y, state = self.msr(self.norm1(x), rope, state)
         x = x + y
         x = x + self.ffn(self.norm2(x))
         return x, state
@@ -433,13 +434,13 @@ class Model(nn.Module):
         position, so that RoPE continues where the last call stopped. Its size does not grow with T."""
         B, T = idx.shape
         start = 0 if state is None else state["pos"]
-        cos, sin = rope_angles(torch.arange(start, start + T, device=idx.device),
+        rope = rope_angles(torch.arange(start, start + T, device=idx.device),
                                self.config.d_model // self.config.n_head, self.config.rope_theta)
         x = self.wte(idx)  # (B, T, d_model)
         states = [None] * len(self.blocks) if state is None else state["S"]
         new_states = []
         for block, S in zip(self.blocks, states):
-            x, S = block(x, cos, sin, S)
+            x, S = block(x, rope, S)
             new_states.append(S)
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
         return logits, {"pos": start + T, "S": new_states}

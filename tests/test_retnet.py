@@ -101,9 +101,8 @@ def test_rotary_scores_depend_only_on_distance(retnet):
     theta = 10000.0
 
     def score(n, m):  # q rotated to position n, k to position m
-        cq, sq = retnet.rope_angles(torch.tensor([n]), 16, theta)
-        ck, sk = retnet.rope_angles(torch.tensor([m]), 16, theta)
-        return (retnet.apply_rope(q, cq, sq) * retnet.apply_rope(k, ck, sk)).sum().item()
+        rq, rk = retnet.rope_angles(torch.tensor([n]), 16, theta), retnet.rope_angles(torch.tensor([m]), 16, theta)
+        return (retnet.apply_rope(q, rq) * retnet.apply_rope(k, rk)).sum().item()
 
     for n, m in [(5, 2), (9, 9), (30, 1)]:
         assert score(n, m) == pytest.approx(score(n + 1000, m + 1000), rel=1e-4, abs=1e-5)
