@@ -66,7 +66,7 @@ class Config:
     kernel: str = "torch"  # experts core: "torch" (a loop over experts) or "triton" (grouped GEMM)
     n_head: int = 4
     n_kv_head: int = 4  # < n_head for grouped-query attention; must divide n_head
-    qk_norm: bool = True  # RMSNorm on q and k per head: cheap, and keeps attention logits tame
+    qk_norm: bool = True  # RMSNorm on q and k per head: keeps attention logits tame
     rope_theta: float = 10000.0
     tie_weights: bool = True  # lm_head shares the token embedding matrix
     n_expert: int = 8  # routed experts per layer (Mixtral: 8)

@@ -105,7 +105,7 @@ def wkv7_loop(r, w, k, v, a, b, state):
     return torch.stack(ys, dim=1), state
 
 
-def wkv7_chunked(r, w, k, v, a, b, state):
+def wkv7_chunked(r, w, k, v, a, b, state=None):
     """The same recurrence, a chunk at a time. In a chunk that starts from S_0, let P_t = w_1 * ... * w_t (per
     key channel) and rescale r^ = r P_t, a^ = a P_{t-1}, k^ = k / P_t, b^ = b / P_t. Then S_t = S^_t diag(P_t)
     with S^_t = S_0 + sum_{s<=t} (u_s b^_s^T + v_s k^_s^T), where u_t = S_{t-1} a_t. Stacking the u_t as rows,
@@ -129,12 +129,20 @@ def wkv7_chunked(r, w, k, v, a, b, state):
     A_ak = torch.tril(a_ @ k_.mT, -1)
     A_rb = torch.tril(r_ @ b_.mT)
     A_rk = torch.tril(r_ @ k_.mT)
-    # U = Wa S_0^T + Uv: one triangular solve (forward substitution) for both right-hand sides
     I = torch.eye(L, dtype=r.dtype, device=r.device)
+    PL = logP[..., -1:, :].exp()  # (B, n, H, 1, N): the whole chunk's decay
+    if state is None and n == 1:  # one chunk from the empty state (training at T <= CHUNK): S_0 = 0 drops Wa,
+        # M and every S_0 term below, a quarter of the work
+        Uv = torch.linalg.solve_triangular(I - A_ab, A_ak @ v, upper=False, unitriangular=True)
+        y = A_rk @ v + A_rb @ Uv  # (B, 1, H, L, N)
+        state = v.mT @ (k_ * PL) + Uv.mT @ (b_ * PL)  # (B, 1, H, N, N)
+        return y.transpose(2, 3).reshape(B, L, H, N)[:, :T], state[:, 0]
+    if state is None:
+        state = r.new_zeros(B, H, N, N)
+    # U = Wa S_0^T + Uv: one triangular solve (forward substitution) for both right-hand sides
     Wa, Uv = torch.linalg.solve_triangular(I - A_ab, torch.cat([a_, A_ak @ v], -1), upper=False,
                                            unitriangular=True).split(N, dim=-1)  # (B, n, H, L, N) each
     # The chunk maps its start state affinely, S_L = S_0 M + D; only this loop is sequential.
-    PL = logP[..., -1:, :].exp()  # (B, n, H, 1, N): the whole chunk's decay
     M = torch.diag_embed(PL[..., 0, :]) + Wa.mT @ (b_ * PL)  # (B, n, H, N, N)
     D = v.mT @ (k_ * PL) + Uv.mT @ (b_ * PL)  # (B, n, H, N, N)
     starts = []
@@ -150,14 +158,13 @@ def wkv7(r, w, k, v, a, b, state=None, kernel="torch"):
     """WKV-7 over a sequence, from `state` (None: zeros). Shapes as above; w must lie in [0.545, 1], as
     TimeMix makes it. Computes in fp32; returns y in v's dtype and the final state (B, H, N, N), fp32."""
     B, T, H, N = r.shape
-    if state is None:
-        state = torch.zeros(B, H, N, N, device=r.device)
-    args = [x.float() for x in (r, w, k, v, a, b, state)]
+    args = [x.float() for x in (r, w, k, v, a, b)]
     if kernel == "triton":
-        check_triton(*args)
-        y, state = WKV7Triton.apply(*args)
+        state = torch.zeros(B, H, N, N, device=r.device) if state is None else state.float()
+        check_triton(*args, state)
+        y, state = WKV7Triton.apply(*args, state)
     elif kernel == "torch":
-        y, state = wkv7_chunked(*args)
+        y, state = wkv7_chunked(*args, None if state is None else state.float())
     else:
         raise ValueError(f"kernel must be 'torch' or 'triton', not {kernel!r}")
     return y.to(v.dtype), state
@@ -400,10 +407,10 @@ class Model(nn.Module):
         the two token shifts (B, C) and the WKV matrices (B, H, N, N) as S[value, key] in fp32. Its size
         does not depend on the length of the sequence."""
         B, T = idx.shape
-        C, N = self.config.d_model, self.config.head_size
+        C = self.config.d_model
         if state is None:
             z = torch.zeros(B, C, device=idx.device, dtype=self.emb.weight.dtype)
-            state = [(z, torch.zeros(B, C // N, N, N, device=idx.device), z) for _ in self.blocks]
+            state = [(z, None, z) for _ in self.blocks]  # S = None: empty, a case wkv7 takes a shortcut on
         x = self.ln0(self.emb(idx))  # (B, T, C)
         v_first, new_state = None, []
         for block, s in zip(self.blocks, state):

@@ -52,6 +52,15 @@ def test_chunked_equals_loop_fp64(rwkv, T):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("T", [37, 150])  # one chunk (the shortcut for an empty state), three chunks
+def test_chunked_from_empty_state(rwkv, T):
+    r, w, k, v, a, b, _ = inputs(B=1, T=T, N=8)
+    y, s = rwkv.wkv7_chunked(r, w, k, v, a, b)
+    y_ref, s_ref = rwkv.wkv7_loop(r, w, k, v, a, b, torch.zeros_like(s))
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+
+
 def test_triton_kernels_exact_in_fp64(rwkv):
     """The kernels' math, free of fp32 rounding: in fp64 the backward's undoing of steps is exact too.
     T = 37 is not a multiple of the checkpoint interval."""
