@@ -357,7 +357,8 @@ def bench_kernels(s, models, device, dtype):
                     try:
                         sec, peak, out = time_call(run, device, s["warmup"], s["repeats"])
                     except Exception as e:  # out of memory, or a path that fails here: note it, go on
-                        torch.cuda.empty_cache() if device.type == "cuda" else None
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                         row["error"] = failure(e)
                         print(f"{core} {kernel} T={T}: {row['error']}")
                     else:

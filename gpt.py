@@ -11,7 +11,7 @@ and grouped-query attention. Each block is
 with
     RMSNorm(x)      = x / sqrt(mean(x^2) + eps) * g
     RoPE(x, n)      rotates each channel pair (x_2j, x_2j+1) by the angle n * theta^(-2j/D), so q_m . k_n
-                    depends only on the distance m - n (read as complex numbers: a product with e^(i n theta_i))
+                    depends only on the distance m - n (read as complex numbers: a product with e^(i n theta_j))
     Attention       = softmax(Q K^T / sqrt(D) + M) V, M = -inf above the diagonal (causal);
                     n_head query heads share n_kv_head key/value heads (GQA)
     MLP(x)          = (SiLU(x W_gate) * (x W_up)) W_down                        (SwiGLU)
@@ -428,7 +428,7 @@ class Model(nn.Module):
             raise ValueError(f"{cached} cached + {T} new tokens is longer than block_size={self.config.block_size}; "
                              f"feed the rest token by token with step()")
         rope = rope_angles(torch.arange(start, start + T, device=idx.device), self.config.d_model //
-                               self.config.n_head, self.config.rope_theta)
+                           self.config.n_head, self.config.rope_theta)
         x = self.wte(idx)  # (B, T, d_model)
         caches = [None] * len(self.blocks) if state is None else state["kv"]
         new_caches = []

@@ -293,7 +293,7 @@ class ExpertsTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, gates, w_fc, w_proj, slot, token, offsets, h = ctx.saved_tensors
-        dy, n_rows = dy.to(x.dtype).contiguous(), slot.numel()
+        dy, n_rows = dy.contiguous(), slot.numel()
         schedule = block_schedule(offsets, n_rows)
         gate, up = h.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
@@ -501,7 +501,7 @@ class Model(nn.Module):
             raise ValueError(f"{cached} cached + {T} new tokens is longer than block_size={self.config.block_size}; "
                              f"feed the rest token by token with step()")
         rope = rope_angles(torch.arange(start, start + T, device=idx.device), self.config.d_model //
-                               self.config.n_head, self.config.rope_theta)
+                           self.config.n_head, self.config.rope_theta)
         x = self.wte(idx)  # (B, T, d_model)
         caches = [None] * len(self.blocks) if state is None else state["kv"]
         new_caches = []

@@ -435,7 +435,7 @@ class Model(nn.Module):
         B, T = idx.shape
         start = 0 if state is None else state["pos"]
         rope = rope_angles(torch.arange(start, start + T, device=idx.device),
-                               self.config.d_model // self.config.n_head, self.config.rope_theta)
+                           self.config.d_model // self.config.n_head, self.config.rope_theta)
         x = self.wte(idx)  # (B, T, d_model)
         states = [None] * len(self.blocks) if state is None else state["S"]
         new_states = []

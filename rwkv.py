@@ -129,28 +129,30 @@ def wkv7_chunked(r, w, k, v, a, b, state=None):
     A_ak = torch.tril(a_ @ k_.mT, -1)
     A_rb = torch.tril(r_ @ b_.mT)
     A_rk = torch.tril(r_ @ k_.mT)
-    I = torch.eye(L, dtype=r.dtype, device=r.device)
+    # U = Wa S_0^T + Uv: one triangular solve (forward substitution) for both right-hand sides. From an empty
+    # state in one chunk (training at T <= CHUNK) S_0 = 0, so Wa, M and the S_0 terms drop: a quarter of the work.
+    I_A = torch.eye(L, dtype=r.dtype, device=r.device) - A_ab
+    empty = state is None and n == 1
+    if empty:
+        Uv = torch.linalg.solve_triangular(I_A, A_ak @ v, upper=False, unitriangular=True)
+    else:
+        Wa, Uv = torch.linalg.solve_triangular(I_A, torch.cat([a_, A_ak @ v], -1), upper=False,
+                                               unitriangular=True).split(N, dim=-1)  # (B, n, H, L, N) each
+    y = A_rk @ v + A_rb @ Uv  # (B, n, H, L, N): what the chunk itself writes
+    # The chunk maps its start state affinely, S_L = S_0 M + D; only the loop below is sequential.
     PL = logP[..., -1:, :].exp()  # (B, n, H, 1, N): the whole chunk's decay
-    if state is None and n == 1:  # one chunk from the empty state (training at T <= CHUNK): S_0 = 0 drops Wa,
-        # M and every S_0 term below, a quarter of the work
-        Uv = torch.linalg.solve_triangular(I - A_ab, A_ak @ v, upper=False, unitriangular=True)
-        y = A_rk @ v + A_rb @ Uv  # (B, 1, H, L, N)
-        state = v.mT @ (k_ * PL) + Uv.mT @ (b_ * PL)  # (B, 1, H, N, N)
-        return y.transpose(2, 3).reshape(B, L, H, N)[:, :T], state[:, 0]
+    D = v.mT @ (k_ * PL) + Uv.mT @ (b_ * PL)  # (B, n, H, N, N)
+    if empty:
+        return y.transpose(2, 3).reshape(B, L, H, N)[:, :T], D[:, 0]  # n = 1
     if state is None:
         state = r.new_zeros(B, H, N, N)
-    # U = Wa S_0^T + Uv: one triangular solve (forward substitution) for both right-hand sides
-    Wa, Uv = torch.linalg.solve_triangular(I - A_ab, torch.cat([a_, A_ak @ v], -1), upper=False,
-                                           unitriangular=True).split(N, dim=-1)  # (B, n, H, L, N) each
-    # The chunk maps its start state affinely, S_L = S_0 M + D; only this loop is sequential.
     M = torch.diag_embed(PL[..., 0, :]) + Wa.mT @ (b_ * PL)  # (B, n, H, N, N)
-    D = v.mT @ (k_ * PL) + Uv.mT @ (b_ * PL)  # (B, n, H, N, N)
     starts = []
     for M_c, D_c in zip(M.unbind(1), D.unbind(1)):  # unbind: one backward op, not one zeros(M) per chunk
         starts.append(state)
         state = state @ M_c + D_c
     S0 = torch.stack(starts, dim=1)  # (B, n, H, N, N): the state entering each chunk
-    y = (r_ + A_rb @ Wa) @ S0.mT + A_rk @ v + A_rb @ Uv  # (B, n, H, L, N)
+    y = y + (r_ + A_rb @ Wa) @ S0.mT  # and what it reads from the state it starts from
     return y.transpose(2, 3).reshape(B, n * L, H, N)[:, :T], state
 
 

@@ -20,13 +20,19 @@ else:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("gpt", "mamba", "rwkv", "retnet", "moe")
+
+
 @pytest.fixture(autouse=True)
 def default_device():
     """Every test starts with tensors born on DEVICE (set per test: some torch modes reset it on exit)."""
     torch.set_default_device(DEVICE)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = ("gpt", "mamba", "rwkv", "retnet", "moe")
+
+def seeded(seed):
+    """A random generator on the device the tests run on."""
+    return torch.Generator(DEVICE).manual_seed(seed)
 
 
 def pytest_addoption(parser):

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import seeded
+
 
 @pytest.fixture(scope="session")
 def mamba(load_model):
@@ -18,7 +20,7 @@ NAMES = ["y", "h_last", "dx", "ddt", "dA", "dB", "dC", "dD", "dz", "dh0"]
 
 def inputs(b=2, T=37, Di=24, N=16, dtype=torch.float32, seed=0):
     """x, dt, A, B, C, D, z, h0 with dt spread over [~0.01, ~3] and A in [-4.5, -0.5]."""
-    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    g = seeded(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     x, dt, z = r(b, T, Di), F.softplus(r(b, T, Di) - 1), r(b, T, Di)
     A, B, C, D, h0 = -4 * torch.rand(Di, N, generator=g) - 0.5, r(b, T, N), r(b, T, N), r(Di), r(b, Di, N)
@@ -29,7 +31,7 @@ def run(scan, args, seed=1):
     """y, the last state and the gradients of all eight inputs for a fixed random projection of (y, h_last)."""
     args = [a.detach().clone().requires_grad_() for a in args]
     y, h = scan(*args)
-    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    g = seeded(seed)
     loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum() + \
         (h.double() * torch.randn(h.shape, generator=g, dtype=torch.float64)).sum()
     loss.backward()
@@ -107,7 +109,7 @@ def test_impulse_response_decays_as_exp_dt_A(mamba, kernel):
 def test_long_sequence_stays_finite(mamba):
     """64k steps on the torch training path, with steps that forget at once and steps that barely move."""
     T, Di, N = 65536, 4, 4
-    g = torch.Generator(torch.get_default_device()).manual_seed(0)
+    g = seeded(0)
     x, B, C = torch.randn(1, T, Di, generator=g), torch.randn(1, T, N, generator=g), torch.randn(1, T, N, generator=g)
     dt = torch.where(torch.rand(1, T, Di, generator=g) < 0.5, 1e-4, 50.0)  # a huge dt * |A|: exp underflows to 0
     A = -torch.tensor([1.0, 16.0, 1e-3, 100.0]).repeat(Di, 1)

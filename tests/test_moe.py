@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import seeded
+
 
 @pytest.fixture(scope="session")
 def moe(load_model):
@@ -15,7 +17,7 @@ def moe(load_model):
 def routed(N, k, E, d, h, dtype, seed=0):
     """Random inputs to experts() with a lopsided routing: expert 0 is picked by nearly every token (so its
     run spans several row blocks), expert E-2 by none, and every count is ragged."""
-    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    g = seeded(seed)
     scores = torch.randn(N, E, generator=g)
     scores[:, 0] += 3
     scores[:, E - 2] = -math.inf
@@ -30,7 +32,7 @@ def routed(N, k, E, d, h, dtype, seed=0):
 def value_and_grads(f, x, expert_ids, gates, w_fc, w_proj):
     inputs = [t.clone().requires_grad_() for t in (x, gates, w_fc, w_proj)]
     y = f(inputs[0], expert_ids, inputs[1], (inputs[2], inputs[3]))
-    dy = torch.randn(y.shape, generator=torch.Generator(torch.get_default_device()).manual_seed(1), dtype=y.dtype)
+    dy = torch.randn(y.shape, generator=seeded(1), dtype=y.dtype)
     return [y, *torch.autograd.grad(y, inputs, dy)]  # y, dx, dgates, dw_fc, dw_proj
 
 

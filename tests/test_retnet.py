@@ -3,6 +3,8 @@ what the paper says. Model-level contract tests (causality, step == forward, ...
 import pytest
 import torch
 
+from conftest import seeded
+
 
 @pytest.fixture(scope="session")
 def retnet(load_model):
@@ -11,7 +13,7 @@ def retnet(load_model):
 
 def inputs(B=2, H=3, T=37, dk=8, dv=16, dtype=torch.float64, seed=0):
     """Random q, k, v and the paper's per-head decays gamma_h = 1 - 2^(-5-h)."""
-    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    g = seeded(seed)
     q, k = (torch.randn(B, H, T, dk, generator=g, dtype=dtype) for _ in range(2))
     v = torch.randn(B, H, T, dv, generator=g, dtype=dtype)
     return q, k, v, 1 - 2.0 ** (-5 - torch.arange(H, dtype=dtype))

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import seeded
+
 
 @pytest.fixture(scope="session")
 def rwkv(load_model):
@@ -16,7 +18,7 @@ def rwkv(load_model):
 def inputs(B=2, T=37, H=2, N=16, w_range=(0.545, 1.0), dtype=torch.float64, seed=0):
     """r, w, k, v, a, b and an initial state shaped like TimeMix makes them: a = -kk, b = kk * alpha with kk a
     unit vector per head and alpha in (0, 1); w uniform in w_range (TimeMix keeps it in (0.545, 1))."""
-    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    g = seeded(seed)
     r, k, v, kk = (torch.randn(B, T, H, N, generator=g, dtype=dtype) for _ in range(4))
     lo, hi = w_range
     w = lo + (hi - lo) * torch.rand(B, T, H, N, generator=g, dtype=dtype)
@@ -31,7 +33,7 @@ def run(fn, args, seed=1):
     that uses both outputs."""
     args = [x.detach().clone().requires_grad_() for x in args]
     y, state = fn(*args)
-    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    g = seeded(seed)
     dy, ds = (torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype) for x in (y, state))
     ((y * dy).sum() + (state * ds).sum()).backward()
     return [y, state] + [x.grad for x in args]
