@@ -509,6 +509,7 @@ def main(argv):
             log(f"---------- sample ----------\n{text}\n----------------------------")
         log(f"done in {time.time() - t_start:.0f}s: {s['out_dir']}/ has ckpt.pt, log.jsonl, loss.png, sample.txt")
     if ddp:
+        dist.barrier()  # leave together: a rank that tears gloo down while rank 0 still writes can abort
         dist.destroy_process_group()
 
 
