@@ -7,7 +7,7 @@ bench.py: speed, memory and quality benchmarks for every nanozoo model, with plo
     python bench.py generate     # per-token latency and state memory against context length
     python bench.py compare      # every model at ~equal parameters, same data, same tokens: val loss curves
     python bench.py mqar         # multi-query associative recall: accuracy against pairs K and length L
-    python bench.py kernels --models gpt,rwkv --seq_lens 256,1024 --kernels torch,triton   # any default, as a flag
+    python bench.py kernels --models gpt --seq_lens 256,1024 --kernels torch,triton  # any default: a flag
 
 Each part prints a table and writes bench_results/<device>/<part>.json (the numbers, with the device, the
 versions, the date and every setting) and <part>.png. `python bench.py --help` lists the settings with their
@@ -34,22 +34,23 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from train import (MODELS, ROOT, SETTINGS as TRAIN, UsageError, build_model, get_batch, load_dataset,
-                   load_model_module, peak_flops, pick_device, pick_dtype, str2bool)
+from train import (MODELS, ROOT, UsageError, autocast_for, build_model, configure_optimizer, default_settings,
+                   estimate_loss, get_batch, get_lr, load_dataset, load_model_module, peak_flops, pick_device,
+                   pick_dtype, str2bool, vocab_size_for)
 
 PARTS = ("kernels", "train", "generate", "compare", "mqar")
-GPT2_SMALL = ("d_model=768,n_layer=12,n_head=12,n_kv_head=12,mlp_hidden=2048,ffn_hidden=1536,expert_hidden=1024,"
-              "block_size=1024,vocab_size=50304")  # each model takes the fields its Config has
+GPT2_SMALL = ("d_model=768,n_layer=12,n_head=12,n_kv_head=12,mlp_hidden=2048,ffn_hidden=1536,"
+              "expert_hidden=1024,block_size=1024,vocab_size=50304")  # each model takes the fields it has
 
-# name: (CPU default, GPU default, --quick default, help). The CPU column keeps `python bench.py` near 10 minutes
-# on two cores; --quick is seconds, for the tests. A list default takes a comma-separated flag.
+# name: (CPU default, GPU default, --quick default, help). The CPU column keeps `python bench.py` near 10
+# minutes on two cores; --quick is seconds, for the tests. A list default takes a comma-separated flag.
 SETTINGS = {
-    "kernels": (["torch"], ["torch", "triton", "sdpa"], ["torch"], "kernels, train: paths to time (sdpa: attention)"),
+    "kernels": (["torch"], ["torch", "triton", "sdpa"], ["torch"],
+                "kernels, train: paths to time (sdpa: attention)"),
     "seq_lens": ([256, 1024, 4096], [1024, 2048, 4096, 8192, 16384], [32, 64], "kernels: sequence lengths T"),
     "tokens": (4096, 16384, 64, "kernels: tokens per call; batch B = max(1, tokens // T)"),
     "width": (128, 1024, 64, "kernels: model width d (heads of 64; d_inner 2d for the scan)"),
@@ -76,12 +77,12 @@ SETTINGS = {
     "mqar_d_model": (128, 128, 64, "mqar: model width"),
     "mqar_layers": (2, 2, 2, "mqar: layers (one attention layer cannot solve it)"),
     "mqar_config": ("qk_norm=true,n_kv_head=4", "qk_norm=true,n_kv_head=4", "qk_norm=true,n_kv_head=4",
-                    "mqar: Config fields for every model that has them (attention with a kv head per query head "
-                    "and QK-norm learns recall in fewer steps)"),
+                    "mqar: Config fields for every model that has them (attention with a kv head per query "
+                    "head and QK-norm learns recall in fewer steps)"),
     "mqar_steps": (250, 1000, 10, "mqar: training steps, a fresh batch each"),
     "mqar_batch": (64, 256, 8, "mqar: examples per step"),
-    "mqar_lrs": ([1e-3], [1e-3, 1e-2], [1e-3], "mqar: learning rates tried; the best is reported (in the README's "
-                 "longer CPU runs mamba learned recall at 1e-2 only)"),
+    "mqar_lrs": ([1e-3], [1e-3, 1e-2], [1e-3], "mqar: learning rates tried; the best is reported (in the "
+                 "README's longer CPU runs mamba learned recall at 1e-2 only)"),
     "mqar_test": (256, 1000, 16, "mqar: held-out examples per (L, K)"),
 }
 
@@ -97,11 +98,6 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def amp(device, dtype):
-    """Mixed precision as train.py runs it: autocast to dtype, or nothing for float32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
 def peak_mb(device):
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
@@ -113,11 +109,14 @@ def reset_peak(device):
 
 def failure(e):
     """One line for a row that could not be timed."""
-    return "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
+    if isinstance(e, torch.OutOfMemoryError):
+        return "out of memory"
+    return f"{type(e).__name__}: {str(e).strip()[:200]}"
 
 
 def fields(module, spec):
-    """The Config fields of `spec` ("d_model=256,n_layer=8") that this model has, typed like their defaults."""
+    """The Config fields of `spec` ("d_model=256,n_layer=8") that this model has, typed like their
+    defaults."""
     types = {f.name: type(f.default) for f in dataclasses.fields(module.Config)}
     try:
         pairs = [item.split("=") for item in spec.split(",") if item]
@@ -141,14 +140,16 @@ def tensors(state):
 
 
 def train_step(model, optimizer, x, y, autocast, lr=None, grad_clip=1.0):
-    """One AdamW step as train.py takes it (clip, step, the model's after_step hook); returns the loss tensor."""
+    """One AdamW step as train.py's loop takes it (clip, step, the model's after_step hook); returns the loss
+    tensor. The optimizer comes from train.py's configure_optimizer."""
     if lr is not None:
         for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = lr * g["lr_scale"]
     with autocast:
         _, loss = model(x, y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    foreach = x.device.type in ("cpu", "cuda")  # as train.py: one fused pass over the gradients
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=foreach)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if hasattr(model, "after_step"):
@@ -164,17 +165,11 @@ def build(module, config, device):
         print(f"{module.__name__}: skipped ({e})")
 
 
-def adamw(model, device, weight_decay=TRAIN["weight_decay"][0], betas=(TRAIN["beta1"][0], TRAIN["beta2"][0])):
-    """AdamW over the model's own parameter groups, with train.py's defaults."""
-    return torch.optim.AdamW(model.param_groups(weight_decay), betas=betas, fused=device.type == "cuda")
-
-
-def lr_at(progress, lr, warmup=0.05, final=0.1):
-    """Linear warmup over the first `warmup` of the run, then cosine decay to final * lr, for progress in [0, 1]."""
-    if progress < warmup:
-        return lr * max(progress / warmup, 0.01)  # not 0: the first step should move
-    ratio = min(1.0, (progress - warmup) / (1 - warmup))
-    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * ratio)))
+def schedule(lr, steps, **settings):
+    """train.py's settings for a run of `steps` at peak learning rate lr: warmup over the first 5% of the
+    steps, then cosine decay to lr / 10, as `python train.py --max_iters steps --warmup_iters steps // 20`
+    would take it. get_lr(it, schedule(...)) is the learning rate at step it."""
+    return default_settings(learning_rate=lr, max_iters=steps, warmup_iters=steps // 20, **settings)
 
 
 class Table:
@@ -185,7 +180,8 @@ class Table:
         print(" ".join(f"{k:>{w}}" for k, _, w in columns))
 
     def row(self, r):
-        print(" ".join(f"{'-' if r.get(k) is None else format(r[k], f):>{w}}" for k, f, w in self.columns), flush=True)
+        cells = ("-" if r.get(k) is None else format(r[k], f) for k, f, _ in self.columns)
+        print(" ".join(f"{c:>{w}}" for c, (_, _, w) in zip(cells, self.columns)), flush=True)
 
 
 def log_x(ax, ticks, label):
@@ -242,7 +238,7 @@ def save(out, part, env, settings, results, plot):
 def attention_case(f, B, T, d, device, dtype):
     H, D = d // 64, 64
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(3))
-    return lambda kernel: f(q, k, v, kernel), [q, k, v], 2 * B * H * T * T * D  # QK^T and PV, half of them causal
+    return lambda kernel: f(q, k, v, kernel), [q, k, v], 2 * B * H * T * T * D  # QK^T and PV, half causal
 
 
 def scan_case(f, B, T, d, device, dtype):
@@ -265,7 +261,7 @@ def wkv7_case(f, B, T, d, device, dtype):
     log_w = w.log().detach()  # for fla, which takes the log of the decay
 
     def call(kernel):
-        if kernel == "fla":  # flash-linear-attention's chunked WKV-7 (a GPU reference; not a nanozoo dependency)
+        if kernel == "fla":  # flash-linear-attention's chunked WKV-7 (a GPU reference, not a dependency)
             from fla.ops.rwkv7 import chunk_rwkv7
             log_w.grad = None
             log_w.requires_grad_(w.requires_grad)  # its gradient in place of w's
@@ -280,7 +276,7 @@ def retention_case(f, B, T, d, device, dtype):
     v = torch.randn(B, H, T, dv, device=device, dtype=dtype)
     gamma = 1 - 2.0 ** (-5 - torch.arange(H, device=device, dtype=torch.float32))
     return (lambda kernel: f(q, k, v, gamma, kernel=kernel, chunk_size=C)[0], [q, k, v],
-            B * H * T * (2 * min(T, C) * (dk + dv) + 4 * dk * dv))  # in-chunk scores and sum, state read and write
+            B * H * T * (2 * min(T, C) * (dk + dv) + 4 * dk * dv))  # in-chunk scores and sum, state i/o
 
 
 def experts_case(f, B, T, d, device, dtype):
@@ -320,7 +316,7 @@ def time_call(run, device, warmup, repeats):
 
 
 def bench_kernels(s, models, device, dtype):
-    autocast = amp(device, dtype)
+    autocast = autocast_for(device, dtype)
     table = Table([("core", "", 14), ("kernel", "", 6), ("T", "d", 6), ("B", "d", 4), ("pass", "", 7),
                    ("ms", ".3f", 9), ("TFLOP/s", ".3g", 8), ("GB/s", ".3g", 7), ("peak_MB", ".0f", 7),
                    ("speedup", ".2f", 7)])
@@ -396,11 +392,12 @@ def plot_kernels(plt, rows):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. train: tokens/s, peak memory and MFU of a full training step (forward, backward, AdamW), per model and kernel
+# 2. train: tokens/s, peak memory and MFU of a full training step (forward, backward, AdamW), per model and
+# kernel
 
 
 def bench_train(s, models, device, dtype):
-    autocast = amp(device, dtype)
+    autocast = autocast_for(device, dtype)
     table = Table([("model", "", 6), ("kernel", "", 6), ("params", ",d", 11), ("ms/iter", ".1f", 8),
                    ("tokens/s", ",.0f", 9), ("TFLOP/s", ".3g", 8), ("mfu", ".1%", 6), ("peak_MB", ".0f", 7)])
     rows = []
@@ -414,7 +411,7 @@ def bench_train(s, models, device, dtype):
             c, B = model.config, s["batch_size"]
             x = torch.randint(c.vocab_size, (B, c.block_size), device=device)
             y = torch.randint(c.vocab_size, (B, c.block_size), device=device)
-            optimizer = adamw(model, device)
+            optimizer = configure_optimizer(model, default_settings(), device)
             row = {"model": name, "kernel": kernel, "params": sum(p.numel() for p in model.parameters()),
                    "config": dataclasses.asdict(c), "batch_size": B}
             try:
@@ -430,7 +427,7 @@ def bench_train(s, models, device, dtype):
                             "mfu": flops / peak_f if peak_f else None, "peak_MB": peak})
             table.row(row)
             rows.append(row)
-            del model, optimizer
+            model = optimizer = None  # free it before the next one is built
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -452,7 +449,7 @@ def plot_train(plt, rows):
 
 @torch.no_grad()
 def bench_generate(s, models, device, dtype):
-    autocast = amp(device, dtype)
+    autocast = autocast_for(device, dtype)
     table = Table([("model", "", 6), ("context", "d", 7), ("prefill_s", ".2f", 9), ("ms/token", ".2f", 8),
                    ("state_MB", ".3f", 9), ("peak_MB", ".0f", 7)])
     rows = []
@@ -471,8 +468,9 @@ def bench_generate(s, models, device, dtype):
             try:
                 with autocast:
                     t0, state = time.perf_counter(), None
-                    for chunk in torch.randint(V, (1, context), device=device).split(s["prefill_chunk"], dim=1):
-                        _, state = model.prefill(chunk, state)  # a prompt in pieces: the contract makes it exact
+                    prompt = torch.randint(V, (1, context), device=device)
+                    for chunk in prompt.split(s["prefill_chunk"], dim=1):
+                        _, state = model.prefill(chunk, state)  # in pieces: the contract makes it exact
                     sync(device)
                     row["prefill_s"] = time.perf_counter() - t0
                     row["state_MB"] = sum(t.numel() * t.element_size() for t in tensors(state)) / 2**20
@@ -529,15 +527,16 @@ def fit_d_model(module, config, target, d0):
 
 
 def bench_compare(s, models, device, dtype):
-    autocast = amp(device, dtype)
+    autocast = autocast_for(device, dtype)
     folder, meta = load_dataset(s["dataset"])
-    vocab = 50304 if meta.get("tokenizer") == "gpt2" else meta["vocab_size"]  # as train.py pads GPT-2's
+    vocab = vocab_size_for(meta)
     gpt = load_model_module("gpt")
     reference = gpt.Config(**fields(gpt, s["compare_size"]), vocab_size=vocab)
     target = n_params(gpt, dataclasses.asdict(reference))
     print(f"every model gets the d_model that brings it nearest gpt's {target:,} parameters")
     table = Table([("model", "", 6), ("d_model", "d", 7), ("params", ",d", 9), ("iters", "d", 5),
-                   ("tokens", ",d", 9), ("seconds", ".1f", 7), ("tokens/s", ",.0f", 8), ("val_loss", ".4f", 8)])
+                   ("tokens", ",d", 9), ("seconds", ".1f", 7), ("tokens/s", ",.0f", 8),
+                   ("val_loss", ".4f", 8)])
     rows = []
     for name in models:
         module = load_model_module(name)
@@ -546,40 +545,35 @@ def bench_compare(s, models, device, dtype):
         torch.manual_seed(s["seed"])
         model = build_model(module, config).to(device)
         T, B = model.config.block_size, s["batch_size"]
-        optimizer = adamw(model, device)
+        # train.py's schedule over the run's steps; by wall time (--seconds), over 1000 steps of the clock
+        steps = s["iters"] if s["seconds"] <= 0 else 1000
+        sched = schedule(s["learning_rate"], steps)
+        optimizer = configure_optimizer(model, sched, device)
         batches = torch.Generator().manual_seed(s["seed"])  # the same batches for every model
         curve, it, seconds = [], 0, 0.0
         while True:
             done = seconds >= s["seconds"] if s["seconds"] > 0 else it >= s["iters"]
             if it % s["eval_every"] == 0 or done:
-                curve.append({"iter": it, "tokens": it * B * T, "seconds": seconds,
-                              "val_loss": val_loss(model, folder, B, T, s["eval_iters"], device, autocast)})
+                val = estimate_loss(model, folder, B, T, s["eval_iters"], device, autocast, splits=("val",))
+                curve.append({"iter": it, "tokens": it * B * T, "seconds": seconds, "val_loss": val["val"]})
             if done:
                 break
             t0 = time.perf_counter()
-            progress = seconds / s["seconds"] if s["seconds"] > 0 else it / s["iters"]
+            lr = get_lr(it if s["seconds"] <= 0 else round(steps * seconds / s["seconds"]), sched)
+            curve[-1].setdefault("lr", lr)  # the learning rate of the first step after each evaluation
             x, y = get_batch(folder, "train", B, T, batches, device)
-            train_step(model, optimizer, x, y, autocast, lr_at(progress, s["learning_rate"]))
+            train_step(model, optimizer, x, y, autocast, lr)
             sync(device)
             seconds += time.perf_counter() - t0  # training time only: evaluation is not counted
             it += 1
-        row = {"model": name, "d_model": config["d_model"], "params": params, "iters": it, "tokens": it * B * T,
-               "seconds": seconds, "tokens/s": it * B * T / seconds, "val_loss": curve[-1]["val_loss"],
-               "flops_per_token": model.flops_per_token(T), "config": dataclasses.asdict(model.config), "curve": curve}
+        row = {"model": name, "d_model": config["d_model"], "params": params, "iters": it,
+               "tokens": it * B * T, "seconds": seconds, "tokens/s": it * B * T / seconds,
+               "val_loss": curve[-1]["val_loss"],
+               "flops_per_token": model.flops_per_token(T), "config": dataclasses.asdict(model.config),
+               "schedule": sched, "curve": curve}
         table.row(row)
         rows.append(row)
     return rows
-
-
-@torch.no_grad()
-def val_loss(model, folder, B, T, iters, device, autocast):
-    """Mean loss over the same `iters` val batches every time (as train.py's estimate_loss)."""
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    with autocast:
-        loss = sum(model(*get_batch(folder, "val", B, T, gen, device))[1].item() for _ in range(iters)) / iters
-    model.train()
-    return loss
 
 
 def plot_compare(plt, rows):
@@ -597,24 +591,26 @@ def plot_compare(plt, rows):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4b. mqar: multi-query associative recall, the task where a fixed-size state falls behind attention's KV cache
+# 4b. mqar: multi-query associative recall, the task where a fixed-size state falls behind attention's KV
+# cache
 
 
 def mqar(batch_size, L, K, vocab_size, generator, power_a=0.01):
-    """Multi-query associative recall (Arora et al. 2023, "Zoology"), as zoology/data/multiquery_ar.py builds it
-    (random_non_queries=False): K key-value pairs, keys from 1..V/2-1 and values from V/2..V-1 (so the id tells
-    which), then each key once more as a query in the remaining L - 2K positions, at even offsets whose slot i
-    is drawn with probability ~ i^(a-1) (a = 0.01: most queries come soon after the pairs, a few much later),
-    and 0 elsewhere. The target at a query is the value its key was paired with (the next-token target at
-    that position); -1, ignored by the loss, everywhere else. Returns x, y: (batch_size, L) int64."""
+    """Multi-query associative recall (Arora et al. 2023, "Zoology"), as zoology/data/multiquery_ar.py builds
+    it (random_non_queries=False): K key-value pairs, keys from 1..V/2-1 and values from V/2..V-1 (so the id
+    tells which), then each key once more as a query in the remaining L - 2K positions, at even offsets whose
+    slot i is drawn with probability ~ i^(a-1) (a = 0.01: most queries come soon after the pairs, a few much
+    later), and 0 elsewhere. The target at a query is the value its key was paired with (the next-token target
+    at that position); -1, ignored by the loss, everywhere else. Returns x, y: (batch_size, L) int64."""
     if L % 2 or 4 * K > L or vocab_size <= L:
-        raise UsageError(f"MQAR needs an even L with 4K <= L < vocab_size; got L={L}, K={K}, vocab_size={vocab_size}")
+        raise UsageError(f"MQAR needs an even L with 4K <= L < vocab_size; got L={L}, K={K}, "
+                         f"vocab_size={vocab_size}")
     half = vocab_size // 2
     keys = torch.rand(batch_size, half - 1, generator=generator).argsort(1)[:, :K] + 1  # (B, K), distinct
     values = torch.rand(batch_size, vocab_size - half, generator=generator).argsort(1)[:, :K] + half  # (B, K)
     x = torch.zeros(batch_size, L, dtype=torch.int64)
     x[:, 0:2 * K:2], x[:, 1:2 * K:2] = keys, values
-    p = torch.arange(1, (L - 2 * K) // 2 + 1, dtype=torch.float64) ** (power_a - 1)  # the query slots' weights
+    p = torch.arange(1, (L - 2 * K) // 2 + 1, dtype=torch.float64) ** (power_a - 1)  # query slots' weights
     slot = torch.multinomial(p.expand(batch_size, -1), K, generator=generator)  # (B, K), distinct slots
     where = 2 * K + 2 * slot  # key j is asked at where[:, j]
     x.scatter_(1, where, keys)
@@ -634,19 +630,21 @@ def mqar_accuracy(model, x, y, device, autocast, batch_size=64):
     return right / (y != -1).sum().item()
 
 
-def train_mqar(module, L, K, vocab_size, steps, batch_size, lr, device, dtype=torch.float32, n_test=256, seed=0,
-               **config):
-    """A fresh model trained on fresh MQAR batches (AdamW, betas (0.9, 0.98), lr warmup then cosine to a tenth).
+def train_mqar(module, L, K, vocab_size, steps, batch_size, lr, device, dtype=torch.float32, n_test=256,
+               seed=0, **config):
+    """A fresh model trained on fresh MQAR batches (train.py's AdamW with betas (0.9, 0.98), and its schedule:
+    lr warmup over 5% of the steps, then cosine to a tenth).
     Returns the held-out accuracy, the state size (numbers in the state prefill returns after one example,
     summed over layers) and the last training loss."""
-    autocast = amp(device, dtype)
+    autocast = autocast_for(device, dtype)
     torch.manual_seed(seed)
     model = build_model(module, {**config, "vocab_size": vocab_size, "block_size": L}).to(device)
-    optimizer = adamw(model, device, 0.1, (0.9, 0.98))
+    sched = schedule(lr, steps, weight_decay=0.1, beta2=0.98)
+    optimizer = configure_optimizer(model, sched, device)
     gen = torch.Generator().manual_seed(seed)
     for it in range(steps):
         x, y = mqar(batch_size, L, K, vocab_size, gen)
-        loss = train_step(model, optimizer, x.to(device), y.to(device), autocast, lr_at(it / steps, lr))
+        loss = train_step(model, optimizer, x.to(device), y.to(device), autocast, get_lr(it, sched))
     x, y = mqar(n_test, L, K, vocab_size, torch.Generator().manual_seed(1234))  # the same test set for all
     with torch.no_grad(), autocast:
         state = model.prefill(x[:1].to(device))[1]
@@ -672,11 +670,13 @@ def bench_mqar(s, models, device, dtype):
                 runs = []
                 for lr in s["mqar_lrs"]:
                     t0 = time.perf_counter()
-                    acc, state, loss = train_mqar(module, L, K, s["mqar_vocab"], s["mqar_steps"], s["mqar_batch"], lr,
-                                                  device, dtype, s["mqar_test"], s["seed"],
-                                                  **{**fields(module, s["mqar_config"]), "d_model": s["mqar_d_model"],
-                                                     "n_layer": s["mqar_layers"], "kernel": s["model_kernel"]})
-                    runs.append({"lr": lr, "accuracy": acc, "loss": loss, "seconds": time.perf_counter() - t0})
+                    config = {**fields(module, s["mqar_config"]), "d_model": s["mqar_d_model"],
+                              "n_layer": s["mqar_layers"], "kernel": s["model_kernel"]}
+                    acc, state, loss = train_mqar(module, L, K, s["mqar_vocab"], s["mqar_steps"],
+                                                  s["mqar_batch"], lr, device, dtype, s["mqar_test"],
+                                                  s["seed"], **config)
+                    seconds = time.perf_counter() - t0
+                    runs.append({"lr": lr, "accuracy": acc, "loss": loss, "seconds": seconds})
                 best = max(runs, key=lambda r: r["accuracy"])
                 row = {"model": name, "L": L, "K": K, **best, "state": state, "runs": runs}
                 table.row(row)
@@ -699,8 +699,8 @@ def plot_mqar(plt, rows):
     for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
         pts = [r for r in rows if r["model"] == name]
         ax.scatter([r["state"] for r in pts], [r["accuracy"] for r in pts], marker="osD^v"[i % 5], label=name)
-    ax.set(xscale="log", xlabel="state size (numbers, all layers)", ylabel="accuracy", title="accuracy vs state",
-           ylim=(-0.02, 1.02))
+    ax.set(xscale="log", xlabel="state size (numbers, all layers)", ylabel="accuracy",
+           title="accuracy vs state", ylim=(-0.02, 1.02))
     ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -721,9 +721,11 @@ def parse_args(argv):
     parser.add_argument("part", nargs="?", default="all", choices=("all",) + PARTS)
     parser.add_argument("--models", default=None, help="comma-separated (default: every model file there is)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on GPUs that have it), float32, ...")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bfloat16 autocast on GPUs that have it), float32, ...")
     parser.add_argument("--out", default=None, help="output folder (default: bench_results/<device>)")
-    parser.add_argument("--quick", action="store_true", help="tiny settings, seconds per part (the tests use it)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings, seconds per part (the tests use it)")
     parser.add_argument("--seed", type=int, default=0)
     show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
     for name, (cpu, gpu, quick, help) in SETTINGS.items():
@@ -755,8 +757,9 @@ def main(argv):
         if m not in have:
             raise UsageError(f"unknown model {m!r}; choose from: {', '.join(have)}")
     if device.type != "cuda" and "triton" in s["kernels"]:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any model file is imported: its kernels are defined then
-        print("note: no CUDA GPU: the Triton kernels run in Triton's interpreter, exact but not a speed measurement")
+        os.environ["TRITON_INTERPRET"] = "1"  # before any model file is imported: it defines its kernels
+        print("note: no CUDA GPU: the Triton kernels run in Triton's interpreter, exact but not a speed "
+              "measurement")
     elif device.type != "cuda" and args.part in ("all", "kernels", "train"):
         print("note: on a CPU only the torch paths are timed; Triton timings need a GPU "
               "(--kernels torch,triton runs them in the interpreter, for debugging)")
@@ -765,7 +768,9 @@ def main(argv):
         s["kernels"].remove("triton")
     torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: TF32 tensor cores for fp32 matmuls
     env = environment(device, dtype)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-") if device.type == "cuda" else device.type
+    slug = device.type
+    if device.type == "cuda":
+        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     out = args.out or os.path.join("bench_results", slug)
     t_start = time.time()
     for part in PARTS if args.part == "all" else (args.part,):
@@ -773,7 +778,8 @@ def main(argv):
         t0 = time.time()
         bench, plot = BENCHES[part]
         results = bench(s, models, device, dtype)
-        save(out, part, {**env, "seconds": round(time.time() - t0, 1)}, {**s, "models": models}, results, plot)
+        env_part = {**env, "seconds": round(time.time() - t0, 1)}
+        save(out, part, env_part, {**s, "models": models}, results, plot)
     print(f"done in {time.time() - t_start:.0f}s")
 
 

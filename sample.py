@@ -11,12 +11,11 @@ prefills the prompt once and then steps one token at a time (a KV cache or a rec
 import argparse
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
-from train import (Parser, Tokenizer, UsageError, build_model, load_checkpoint, load_model_module, pick_device,
-                   pick_dtype)
+from train import (Parser, Tokenizer, UsageError, autocast_for, build_model, load_checkpoint,
+                   load_model_module, pick_device, pick_dtype)
 
 
 def main(argv):
@@ -45,7 +44,8 @@ def main(argv):
         config["kernel"] = args.kernel
         if args.kernel == "triton" and not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"  # before the model file defines its kernels
-            print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter (slow)", file=sys.stderr)
+            print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter (slow)",
+                  file=sys.stderr)
     module = load_model_module(ckpt["model_name"])
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -63,10 +63,11 @@ def main(argv):
     idx = torch.tensor([tok.encode(start)] * args.num_samples, dtype=torch.long, device=device)
 
     torch.manual_seed(args.seed)
-    autocast = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = autocast_for(device, dtype)
     try:
         with torch.no_grad(), autocast:
-            out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
+            out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k or None)
     except ValueError as e:  # e.g. a prompt longer than the model's block_size
         raise UsageError(str(e))
     for row in out.tolist():

@@ -1,9 +1,9 @@
 """
 train.py: one training loop for every model in nanozoo.
 
-    python train.py --model gpt                        # the default model on the default data: minutes on a CPU
-    python train.py --model mamba --kernel triton      # every Config field of the model is a flag
-    python train.py --model gpt --resume               # continue the run saved in --out_dir
+    python train.py --model gpt                      # the default model on the default data: minutes on a CPU
+    python train.py --model mamba --kernel triton    # every Config field of the model is a flag
+    python train.py --model gpt --resume             # continue the run saved in --out_dir
     torchrun --standalone --nproc_per_node 2 train.py --model gpt    # data parallel (DDP)
 
 nanoGPT's loop and flag names: AdamW with weight decay on matrices only, linear warmup then cosine decay,
@@ -11,6 +11,11 @@ gradient clipping and accumulation, bf16 autocast on GPUs that have it (fp16 wit
 that do not), periodic train/val evaluation, checkpoint and resume, optional torch.compile, DDP.
 Each run writes into --out_dir (default out/<model>): ckpt.pt, config.json, log.jsonl, loss.png, sample.txt.
 The model file is loaded by path and used only through its contract (Config, Model, param_groups, ...).
+
+main() runs six phases, each a function defined above it in this order: the settings, the device, the
+data, the model and optimizer, the log, then the training loop (inline, in main) and the finish (plot,
+sample). bench.py trains with the same optimizer, schedule, evaluation and autocast (configure_optimizer,
+get_lr, estimate_loss, autocast_for).
 """
 
 import argparse
@@ -61,6 +66,10 @@ SETTINGS = {
 NONE_TYPES = {"min_lr": float, "lr_decay_iters": int}  # the type of the settings whose default is None
 
 
+# ---------------------------------------------------------------------------------------------------
+# 1. Settings: the flags (or a checkpoint's), checked before anything is touched
+
+
 class UsageError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
@@ -74,6 +83,12 @@ def str2bool(s):
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, and no abbreviated flags: `--max_iter 3000` is an unknown flag, not
+    --max_iters (a resumed run keeps the checkpoint's settings except those typed, by their full names)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, not argparse's usage block
         raise UsageError(f"{message} (see: python {self.prog} --model MODEL --help)")
 
@@ -99,128 +114,78 @@ def load_model_module(name):
 
 
 def parse_args(argv):
-    """Two passes: --model picks the model file, whose Config fields then become flags."""
+    """Two passes: --model picks the model file, whose Config fields then become flags. Returns the parsed
+    flags, the names of those typed on the command line, and the model's module."""
     pre = Parser(prog="train.py", add_help=False)
     pre.add_argument("--model", default="gpt")
     pre.add_argument("--kernel", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.kernel == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    no_gpu = os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()
+    if known.kernel == "triton" and no_gpu:
         os.environ["TRITON_INTERPRET"] = "1"  # must be set before the model file defines its kernels
         print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter: exact but very slow "
               "(for reading and debugging, not training)")
     module = load_model_module(known.model)
+
     parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="gpt", help=f"one of {', '.join(MODELS)}")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out_dir from its ckpt.pt")
     for name, (default, help) in SETTINGS.items():
         add_flag(parser, name, default, help)
     model_group = parser.add_argument_group(f"{known.model}.Config (the model)")
     for f in dataclasses.fields(module.Config):
         add_flag(model_group, f.name, f.default, "model")
     args = parser.parse_args(argv)
-    given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # flags typed on the command line
+    given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # exact names: no abbreviations
     return args, given, module
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data
+def resolve_settings(s):
+    """Fill in the settings whose defaults follow from others (min_lr, lr_decay_iters), and check ranges."""
+    s = dict(s)
+    s["min_lr"] = s["learning_rate"] / 10 if s["min_lr"] is None else s["min_lr"]
+    s["lr_decay_iters"] = s["max_iters"] if s["lr_decay_iters"] is None else s["lr_decay_iters"]
+    for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        if s[k] < 1:
+            raise UsageError(f"--{k} must be at least 1, got {s[k]}")
+    if s["max_iters"] < 0:
+        raise UsageError(f"--max_iters must be at least 0, got {s['max_iters']}")
+    return s
 
 
-def load_dataset(name, prepare=True):
-    """data/<name>/ (or a folder path) with train.bin, val.bin and meta.pkl; runs its prepare.py on first use."""
-    folder = name if os.sep in name or "/" in name else os.path.join(ROOT, "data", name)
-    if not os.path.exists(os.path.join(folder, "prepare.py")) and not os.path.exists(os.path.join(folder, "val.bin")):
-        have = sorted(d for d in os.listdir(os.path.join(ROOT, "data")) if os.path.exists(
-            os.path.join(ROOT, "data", d, "prepare.py")))
-        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(have)}")
-    if not os.path.exists(os.path.join(folder, "val.bin")):
-        if not prepare:
-            raise UsageError(f"dataset {name!r} is not prepared: run python data/{name}/prepare.py")
-        print(f"preparing dataset {name} (first use): python data/{name}/prepare.py")
-        if subprocess.run([sys.executable, os.path.join(folder, "prepare.py")]).returncode != 0:
-            raise SystemExit(f"error: preparing dataset {name!r} failed (see above)")
-    with open(os.path.join(folder, "meta.pkl"), "rb") as f:
-        meta = pickle.load(f)
-    return folder, meta
+def default_settings(**overrides):
+    """train.py's settings at their defaults, with `overrides` on top, resolved: what bench.py trains with."""
+    return resolve_settings({**{name: default for name, (default, _) in SETTINGS.items()}, **overrides})
 
 
-def get_batch(folder, split, batch_size, block_size, generator, device):
-    # A new memmap each call: a long-lived one leaks memory (as nanoGPT notes).
-    data = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-class Tokenizer:
-    """encode/decode for a dataset: its character vocabulary, or the GPT-2 BPE."""
-
-    def __init__(self, meta):
-        self.meta = meta
-        if meta.get("tokenizer") == "gpt2":
-            path = os.path.join(ROOT, "data", "shakespeare", "prepare.py")
-            spec = importlib.util.spec_from_file_location("shakespeare_prepare", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            self.enc = module.gpt2_encoding()
-
-    def encode(self, text):
-        if self.meta.get("tokenizer") == "gpt2":
-            return self.enc.encode(text, allowed_special={"<|endoftext|>"})
-        missing = sorted(set(text) - set(self.meta["stoi"]))
-        if missing:
-            raise UsageError(f"the prompt has characters outside the model's vocabulary: {''.join(missing)!r}; "
-                             f"remove them")
-        return [self.meta["stoi"][c] for c in text]
-
-    def decode(self, ids):
-        if self.meta.get("tokenizer") == "gpt2":
-            return self.enc.decode(ids)
-        return "".join(self.meta["itos"][i] for i in ids)
+def read_settings(args, given, module):
+    """The run's settings and model config: the flags, or on --resume the checkpoint's with the flags typed
+    now on top. Returns (settings, model_config, ckpt or None)."""
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    model_config = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)}
+    settings["out_dir"] = settings["out_dir"] or os.path.join("out", args.model)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(os.path.join(settings["out_dir"], "ckpt.pt"), model=args.model)
+        typed = {k: v for k, v in settings.items() if k in given or k == "out_dir"}
+        settings = {**ckpt["settings"], **typed}
+        for k in model_config:
+            if k in given and k != "kernel" and model_config[k] != ckpt["model_config"][k]:
+                raise UsageError(f"--{k} {model_config[k]} differs from the checkpoint's "
+                                 f"{k}={ckpt['model_config'][k]}; a resumed run keeps its model (only "
+                                 f"--kernel may change)")
+        model_config = {**ckpt["model_config"], "kernel": model_config["kernel"]}
+    if model_config["kernel"] == "triton" and importlib.util.find_spec("triton") is None:
+        raise UsageError("--kernel triton needs the triton package (Linux only): pip install triton, or use "
+                         "--kernel torch")
+    return resolve_settings(settings), model_config, ckpt
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, loaded with weights_only=True
+# 2. Device: DDP ranks, the device, the precision
 
-
-def save_checkpoint(path, ckpt):
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a kill at any moment leaves the old file or the new one
-
-
-def load_checkpoint(path, model=None):
-    """The checkpoint dict; `model` (a name) checks that it holds that model. Bad files are a UsageError."""
-    if not os.path.exists(path):
-        raise UsageError(f"no checkpoint at {path}; train one first (python train.py --model MODEL) "
-                         f"or point --out_dir at its folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable nanozoo checkpoint ({type(e).__name__}); delete it or "
-                         f"point --out_dir elsewhere")
-    if model is not None and ckpt.get("model_name") != model:
-        raise UsageError(f"{path} holds a {ckpt.get('model_name')!r} model, not {model!r}; use "
-                         f"--model {ckpt.get('model_name')} or another --out_dir")
-    return ckpt
-
-
-def build_model(module, model_config, state_dict=None):
-    try:
-        config = module.Config(**model_config)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"bad model config: {e}")
-    model = module.Model(config)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------------
-# Devices, precision, MFU
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A10": 125e12,
                    "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks
@@ -257,11 +222,170 @@ def pick_dtype(name, device):
     return dtypes[name]
 
 
+def autocast_for(device, dtype):
+    """Mixed precision: autocast to dtype, or nothing for float32."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
 def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def start_device(s):
+    """The process's place in a torchrun (rank, local_rank, world size; (0, 0, 1) alone), its device (a
+    process group joined under DDP) and dtype."""
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(s["device"] if not ddp or s["device"] != "auto" else auto)
+    if ddp:
+        import torch.distributed as dist
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{local_rank}")
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return ddp, rank, local_rank, world, device, pick_dtype(s["dtype"], device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Data
+
+
+def load_dataset(name, prepare=True):
+    """data/<name>/ (or a folder path) with train.bin, val.bin and meta.pkl; runs its prepare.py on first
+    use."""
+    folder = name if os.sep in name or "/" in name else os.path.join(ROOT, "data", name)
+    has_prepare = os.path.exists(os.path.join(folder, "prepare.py"))
+    if not has_prepare and not os.path.exists(os.path.join(folder, "val.bin")):
+        have = sorted(d for d in os.listdir(os.path.join(ROOT, "data")) if os.path.exists(
+            os.path.join(ROOT, "data", d, "prepare.py")))
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(have)}")
+    if not os.path.exists(os.path.join(folder, "val.bin")):
+        if not prepare:
+            raise UsageError(f"dataset {name!r} is not prepared: run python data/{name}/prepare.py")
+        print(f"preparing dataset {name} (first use): python data/{name}/prepare.py")
+        if subprocess.run([sys.executable, os.path.join(folder, "prepare.py")]).returncode != 0:
+            raise SystemExit(f"error: preparing dataset {name!r} failed (see above)")
+    with open(os.path.join(folder, "meta.pkl"), "rb") as f:
+        meta = pickle.load(f)
+    return folder, meta
+
+
+def vocab_size_for(meta):
+    """The model's vocabulary for a dataset: its own size, or GPT-2's 50257 padded to 50304 (a multiple of
+    64, faster matmuls)."""
+    return 50304 if meta.get("tokenizer") == "gpt2" else meta["vocab_size"]
+
+
+def get_batch(folder, split, batch_size, block_size, generator, device):
+    # A new memmap each call: a long-lived one leaks memory (as nanoGPT notes).
+    data = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class Tokenizer:
+    """encode/decode for a dataset: its character vocabulary, or the GPT-2 BPE."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        if meta.get("tokenizer") == "gpt2":
+            path = os.path.join(ROOT, "data", "shakespeare", "prepare.py")
+            spec = importlib.util.spec_from_file_location("shakespeare_prepare", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            self.enc = module.gpt2_encoding()
+
+    def encode(self, text):
+        if self.meta.get("tokenizer") == "gpt2":
+            return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        missing = sorted(set(text) - set(self.meta["stoi"]))
+        if missing:
+            raise UsageError(f"the prompt has characters outside the model's vocabulary: "
+                             f"{''.join(missing)!r}; remove them")
+        return [self.meta["stoi"][c] for c in text]
+
+    def decode(self, ids):
+        if self.meta.get("tokenizer") == "gpt2":
+            return self.enc.decode(ids)
+        return "".join(self.meta["itos"][i] for i in ids)
+
+
+def open_data(s, model_config, given, ckpt, ddp, master):
+    """The dataset's folder and vocabulary (rank 0 prepares it on first use); sets the model's vocab_size
+    from it on a fresh run."""
+    if master:
+        load_dataset(s["dataset"])
+    if ddp:
+        import torch.distributed as dist
+        dist.barrier()  # rank 0 prepares the data once
+    folder, meta = load_dataset(s["dataset"], prepare=False)
+    if ckpt is not None and ckpt["meta"] != meta:
+        dataset = ckpt["settings"]["dataset"]
+        raise UsageError(f"{os.path.join(s['out_dir'], 'ckpt.pt')} was trained on another vocabulary "
+                         f"(dataset {dataset!r}); resume with --dataset {dataset}")
+    if "vocab_size" in given and model_config["vocab_size"] < meta["vocab_size"]:
+        raise UsageError(f"--vocab_size {model_config['vocab_size']} is smaller than the dataset's "
+                         f"{meta['vocab_size']}")
+    if "vocab_size" not in given and ckpt is None:
+        model_config["vocab_size"] = vocab_size_for(meta)
+    return folder, meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Model and optimizer (checkpoints are written atomically and loaded with weights_only=True)
+
+
+def save_checkpoint(path, ckpt):
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a kill at any moment leaves the old file or the new one
+
+
+def load_checkpoint(path, model=None):
+    """The checkpoint dict; `model` (a name) checks that it holds that model. Bad files are a UsageError."""
+    if not os.path.exists(path):
+        raise UsageError(f"no checkpoint at {path}; train one first (python train.py --model MODEL) "
+                         f"or point --out_dir at its folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable nanozoo checkpoint ({type(e).__name__}); delete it or "
+                         f"point --out_dir elsewhere")
+    if model is not None and ckpt.get("model_name") != model:
+        raise UsageError(f"{path} holds a {ckpt.get('model_name')!r} model, not {model!r}; use "
+                         f"--model {ckpt.get('model_name')} or another --out_dir")
+    return ckpt
+
+
+def build_model(module, model_config, state_dict=None):
+    try:
+        config = module.Config(**model_config)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad model config: {e}")
+    model = module.Model(config)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
+
+
+def configure_optimizer(model, s, device):
+    """AdamW over the model's own parameter groups (each may carry an lr_scale), at s's learning rate,
+    betas and weight decay; fused where PyTorch has a fused kernel."""
+    groups = model.param_groups(s["weight_decay"])
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]),
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def get_lr(it, s):
@@ -276,8 +400,82 @@ def get_lr(it, s):
     return s["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s["learning_rate"] - s["min_lr"])
 
 
+@torch.no_grad()
+def estimate_loss(model, folder, batch_size, block_size, eval_iters, device, autocast,
+                  splits=("train", "val")):
+    """The mean loss over eval_iters batches of each split: the same batches every time (a fixed seed), so
+    that evaluations compare."""
+    out = {}
+    model.eval()
+    for split in splits:
+        gen = torch.Generator().manual_seed(0)
+        with autocast:
+            losses = [model(*get_batch(folder, split, batch_size, block_size, gen, device))[1]
+                      for _ in range(eval_iters)]
+        out[split] = torch.stack(losses).float().mean().item()
+    model.train()
+    return out
+
+
+def build_training(module, model_config, s, ckpt, device, dtype, rank, ddp, local_rank, log):
+    """The model (from the checkpoint on --resume), its compiled / DDP wrapper, the optimizer, the grad
+    scaler and the training batches' own random generator (resumable)."""
+    torch.manual_seed(s["seed"] + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    raw_model = build_model(module, model_config, ckpt["model"] if ckpt else None).to(device)
+    train_gen = torch.Generator().manual_seed(s["seed"] + rank)
+    optimizer = configure_optimizer(raw_model, s, device)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
+    model = raw_model
+    if s["compile"]:
+        log("compiling the model with torch.compile (takes a minute)...")
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return model, raw_model, optimizer, scaler, train_gen
+
+
 # ---------------------------------------------------------------------------------------------------
-# The run
+# 5. Log: config.json, log.jsonl (continued from the checkpoint's iteration on --resume)
+
+
+def open_log(s, resolved, ckpt, master):
+    """Write config.json and start log.jsonl; returns a function that appends a row (rank 0 only)."""
+    os.makedirs(s["out_dir"], exist_ok=True)
+    log_path = os.path.join(s["out_dir"], "log.jsonl")
+    if master:
+        with open(os.path.join(s["out_dir"], "config.json"), "w") as f:
+            json.dump(resolved, f, indent=1)
+        start = ckpt["iter_num"] if ckpt else 0
+        old = [json.loads(line) for line in open(log_path)] if ckpt and os.path.exists(log_path) else []
+        kept = [r for r in old if r["iter"] < start or (r["iter"] == start and "val_loss" in r)]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def write_log(row):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log_path, write_log
+
+
+def gather_rng(state, ddp, world):
+    """Every rank's training-batch RNG state, so a resumed DDP run draws the same batches."""
+    if not ddp:
+        return [state]
+    import torch.distributed as dist
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Finish: the loss plot, the model's own metrics, a sample
 
 
 def plot_log(log_path, png_path, title):
@@ -302,227 +500,6 @@ def plot_log(log_path, png_path, title):
     plt.close(fig)
 
 
-def main(argv):
-    args, given, module = parse_args(argv)
-    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
-    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
-                               int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-
-    settings = {name: getattr(args, name) for name in SETTINGS}
-    model_config = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)}
-    settings["out_dir"] = settings["out_dir"] or os.path.join("out", args.model)
-    ckpt_path = os.path.join(settings["out_dir"], "ckpt.pt")
-    ckpt = None
-    if args.resume:  # the saved run's settings and model, with any flag typed now on top
-        ckpt = load_checkpoint(ckpt_path, model=args.model)
-        settings = {**ckpt["settings"], **{k: v for k, v in settings.items() if k in given or k == "out_dir"}}
-        for k in model_config:
-            if k in given and k != "kernel" and model_config[k] != ckpt["model_config"][k]:
-                raise UsageError(f"--{k} {model_config[k]} differs from the checkpoint's {k}={ckpt['model_config'][k]}; "
-                                 f"a resumed run keeps its model (only --kernel may change)")
-        model_config = {**ckpt["model_config"], "kernel": model_config["kernel"]}
-    s = settings
-    s["min_lr"] = s["learning_rate"] / 10 if s["min_lr"] is None else s["min_lr"]
-    s["lr_decay_iters"] = s["max_iters"] if s["lr_decay_iters"] is None else s["lr_decay_iters"]
-    for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if s[k] < 1:
-            raise UsageError(f"--{k} must be at least 1, got {s[k]}")
-    if s["max_iters"] < 0:
-        raise UsageError(f"--max_iters must be at least 0, got {s['max_iters']}")
-
-    device = pick_device(s["device"] if not ddp or s["device"] != "auto" else
-                         ("cuda" if torch.cuda.is_available() else "cpu"))
-    if ddp:
-        import torch.distributed as dist
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            device = torch.device(f"cuda:{local_rank}")
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-    dtype = pick_dtype(s["dtype"], device)
-    if model_config["kernel"] == "triton" and importlib.util.find_spec("triton") is None:
-        raise UsageError("--kernel triton needs the triton package (Linux only): pip install triton, or use --kernel torch")
-
-    if master:
-        folder, meta = load_dataset(s["dataset"])
-    if ddp:
-        dist.barrier()  # rank 0 prepares the data once
-    folder, meta = load_dataset(s["dataset"], prepare=False)
-    vocab = meta["vocab_size"] if meta.get("tokenizer") != "gpt2" else 50304  # GPT-2's 50257 padded to 64
-    if ckpt is not None and ckpt["meta"] != meta:
-        raise UsageError(f"{ckpt_path} was trained on another vocabulary (dataset {ckpt['settings']['dataset']!r}); "
-                         f"resume with --dataset {ckpt['settings']['dataset']}")
-    if "vocab_size" in given and model_config["vocab_size"] < meta["vocab_size"]:
-        raise UsageError(f"--vocab_size {model_config['vocab_size']} is smaller than the dataset's {meta['vocab_size']}")
-    if "vocab_size" not in given and ckpt is None:
-        model_config["vocab_size"] = vocab
-
-    torch.manual_seed(s["seed"] + rank)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    model = build_model(module, model_config, ckpt["model"] if ckpt else None).to(device)
-    config = model.config
-    train_gen = torch.Generator().manual_seed(s["seed"] + rank)  # the training batches' own RNG: resumable
-    groups = model.param_groups(s["weight_decay"])
-    for g in groups:
-        g.setdefault("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]),
-                                  fused=device.type in ("cuda", "cpu"))
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
-    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
-    raw_model = model
-    if s["compile"]:
-        log("compiling the model with torch.compile (takes a minute)...")
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    tokens_per_iter = s["gradient_accumulation_steps"] * world * s["batch_size"] * config.block_size
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    resolved = {"model": args.model, "model_config": dataclasses.asdict(config), "settings": s,
-                "device": str(device), "dtype": str(dtype).replace("torch.", ""), "world_size": world,
-                "parameters": n_params, "tokens_per_iter": tokens_per_iter}
-    log(json.dumps(resolved, indent=1))
-    log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration")
-    os.makedirs(s["out_dir"], exist_ok=True)
-    log_path = os.path.join(s["out_dir"], "log.jsonl")
-    if master:
-        with open(os.path.join(s["out_dir"], "config.json"), "w") as f:
-            json.dump(resolved, f, indent=1)
-        start = ckpt["iter_num"] if ckpt else 0
-        old = [r for r in map(json.loads, open(log_path))] if ckpt and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:  # a resumed run continues the log from its checkpoint's iteration
-            f.writelines(json.dumps(r) + "\n" for r in old if r["iter"] < start or (r["iter"] == start and "val_loss" in r))
-
-    @torch.no_grad()
-    def estimate_loss():
-        out = {}
-        raw_model.eval()
-        for split in ("train", "val"):
-            gen = torch.Generator().manual_seed(0)  # the same batches at every evaluation: comparable numbers
-            with autocast:
-                losses = [raw_model(*get_batch(folder, split, s["batch_size"], config.block_size, gen, device))[1]
-                          for _ in range(s["eval_iters"])]
-            out[split] = torch.stack(losses).float().mean().item()
-        raw_model.train()
-        return out
-
-    def write_log(row):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    iter_num = ckpt["iter_num"] if ckpt else 0
-    best_val = ckpt["best_val_loss"] if ckpt else float("inf")
-    peak = peak_flops(device)
-    t_start, t_last, elapsed0 = time.time(), time.time(), ckpt["elapsed"] if ckpt else 0.0
-    fresh = True  # the iteration a resumed run starts at was evaluated and saved already
-    pending_rng = train_gen.get_state()  # the RNG state that draws the pending batch: what a checkpoint saves
-    x, y = get_batch(folder, "train", s["batch_size"], config.block_size, train_gen, device)
-    while True:
-        lr = get_lr(iter_num, s)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        if (iter_num % s["eval_interval"] == 0 or iter_num == s["max_iters"]) and not (ckpt and fresh):
-            losses = estimate_loss()
-            elapsed = elapsed0 + time.time() - t_start
-            log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            write_log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed})
-            if not math.isfinite(losses["val"]):
-                raise SystemExit(f"error: the val loss is {losses['val']} at iteration {iter_num}; stopping. The last "
-                                 f"good checkpoint is {ckpt_path}")
-            best_val = min(best_val, losses["val"])
-            t_last = time.time()  # tokens/s measures training, not evaluation
-            rng = gather_rng(pending_rng, ddp, world)  # every rank takes part
-            if iter_num > 0 and master:
-                save_checkpoint(ckpt_path, {
-                    "model_name": args.model, "model_config": dataclasses.asdict(config), "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val,
-                    "settings": s, "meta": meta, "elapsed": elapsed, "rng": rng})
-        fresh = False
-        if iter_num >= s["max_iters"]:
-            break
-
-        loss_sum = 0.0
-        for micro in range(s["gradient_accumulation_steps"]):
-            if ddp:  # all-reduce the gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == s["gradient_accumulation_steps"] - 1
-            with autocast:
-                _, loss = model(x, y)
-                loss = loss / s["gradient_accumulation_steps"]
-            pending_rng = train_gen.get_state()
-            x, y = get_batch(folder, "train", s["batch_size"], config.block_size, train_gen, device)  # prefetch
-            scaler.scale(loss).backward()
-            loss_sum += loss.item()
-        if not math.isfinite(loss_sum):
-            raise SystemExit(f"error: the training loss is {loss_sum} at iteration {iter_num}; stopping. The last "
-                             f"good checkpoint is {ckpt_path} (try a lower --learning_rate)")
-        if s["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            # foreach: one fused pass over all the gradients, where the default loops over them on a CPU
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s["grad_clip"], foreach=device.type in ("cpu", "cuda"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(raw_model, "after_step"):
-            raw_model.after_step()
-        iter_num += 1
-
-        if iter_num % s["log_interval"] == 0 or iter_num == s["max_iters"]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.time() - t_last) / (iter_num % s["log_interval"] or s["log_interval"])
-            t_last = time.time()
-            tok_s = tokens_per_iter / dt
-            row = {"iter": iter_num, "loss": loss_sum, "lr": lr, "tokens_per_sec": tok_s,
-                   "elapsed": elapsed0 + time.time() - t_start}
-            mfu = ""
-            if peak:
-                row["mfu"] = raw_model.flops_per_token(config.block_size) * tok_s / peak
-                mfu = f", mfu {100 * row['mfu']:.1f}%"
-            if hasattr(raw_model, "metrics"):
-                row.update(raw_model.metrics())
-            log(f"iter {iter_num}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{tok_s:,.0f} tokens/s{mfu}")
-            write_log(row)
-
-    if master:
-        plot_log(log_path, os.path.join(s["out_dir"], "loss.png"), f"{args.model} on {s['dataset']}")
-        if hasattr(raw_model, "metrics"):
-            log(format_metrics(raw_model.metrics()))
-        if s["sample_tokens"] > 0:
-            tok = Tokenizer(meta)
-            torch.manual_seed(s["seed"])
-            newline = meta.get("tokenizer") == "gpt2" or "\n" in meta["stoi"]
-            start_ids = torch.tensor([tok.encode("\n") if newline else [0]], device=device)
-            raw_model.eval()
-            with autocast:
-                text = tok.decode(raw_model.generate(start_ids, s["sample_tokens"], temperature=0.8, top_k=200)[0].tolist())
-            with open(os.path.join(s["out_dir"], "sample.txt"), "w") as f:
-                f.write(text)
-            log(f"---------- sample ----------\n{text}\n----------------------------")
-        log(f"done in {time.time() - t_start:.0f}s: {s['out_dir']}/ has ckpt.pt, log.jsonl, loss.png, sample.txt")
-    if ddp:
-        dist.barrier()  # leave together: a rank that tears gloo down while rank 0 still writes can abort
-        dist.destroy_process_group()
-
-
-def gather_rng(state, ddp, world):
-    """Every rank's training-batch RNG state, so a resumed DDP run draws the same batches."""
-    if not ddp:
-        return [state]
-    import torch.distributed as dist
-    states = [torch.empty_like(state) for _ in range(world)]
-    dist.all_gather(states, state)
-    return states
-
-
 def format_metrics(metrics):
     """A model's extra numbers, lists as a small table (e.g. moe's per-expert load)."""
     lines = []
@@ -532,6 +509,153 @@ def format_metrics(metrics):
         else:
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return "\n".join(lines)
+
+
+def finish(model_name, raw_model, s, meta, log_path, device, autocast, log):
+    """Plot the losses, print the model's metrics, write a sample. Returns the names of the files written."""
+    plot_log(log_path, os.path.join(s["out_dir"], "loss.png"), f"{model_name} on {s['dataset']}")
+    if hasattr(raw_model, "metrics"):
+        log(format_metrics(raw_model.metrics()))
+    if s["sample_tokens"] <= 0:
+        return ["loss.png"]
+    tok = Tokenizer(meta)
+    torch.manual_seed(s["seed"])
+    newline = meta.get("tokenizer") == "gpt2" or "\n" in meta["stoi"]
+    start_ids = torch.tensor([tok.encode("\n") if newline else [0]], device=device)
+    raw_model.eval()
+    with autocast:
+        ids = raw_model.generate(start_ids, s["sample_tokens"], temperature=0.8, top_k=200)[0].tolist()
+    text = tok.decode(ids)
+    with open(os.path.join(s["out_dir"], "sample.txt"), "w") as f:
+        f.write(text)
+    log(f"---------- sample ----------\n{text}\n----------------------------")
+    return ["loss.png", "sample.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv):
+    # 1. Settings, 2. device, 3. data
+    args, given, module = parse_args(argv)
+    s, model_config, ckpt = read_settings(args, given, module)
+    ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
+    ddp, rank, local_rank, world, device, dtype = start_device(s)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    folder, meta = open_data(s, model_config, given, ckpt, ddp, master)
+
+    # 4. Model and optimizer
+    model, raw_model, optimizer, scaler, train_gen = build_training(module, model_config, s, ckpt, device,
+                                                                    dtype, rank, ddp, local_rank, log)
+    config = raw_model.config
+    autocast = autocast_for(device, dtype)
+
+    # 5. Log
+    tokens_per_iter = s["gradient_accumulation_steps"] * world * s["batch_size"] * config.block_size
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    resolved = {"model": args.model, "model_config": dataclasses.asdict(config), "settings": s,
+                "device": str(device), "dtype": str(dtype).replace("torch.", ""), "world_size": world,
+                "parameters": n_params, "tokens_per_iter": tokens_per_iter}
+    log(json.dumps(resolved, indent=1))
+    log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration")
+    log_path, write_log = open_log(s, resolved, ckpt, master)
+
+    # The training loop: evaluate and checkpoint every eval_interval steps, log every log_interval
+    iter_num = ckpt["iter_num"] if ckpt else 0
+    best_val = ckpt["best_val_loss"] if ckpt else float("inf")
+    peak = peak_flops(device)
+    t_start, t_last, elapsed0 = time.time(), time.time(), ckpt["elapsed"] if ckpt else 0.0
+    fresh = True  # the iteration a resumed run starts at was evaluated and saved already
+    saved = False  # whether this run wrote ckpt.pt
+    pending_rng = train_gen.get_state()  # the RNG state that draws the pending batch: what a checkpoint saves
+    x, y = get_batch(folder, "train", s["batch_size"], config.block_size, train_gen, device)
+    while True:
+        lr = get_lr(iter_num, s)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+
+        if (iter_num % s["eval_interval"] == 0 or iter_num == s["max_iters"]) and not (ckpt and fresh):
+            losses = estimate_loss(raw_model, folder, s["batch_size"], config.block_size, s["eval_iters"],
+                                   device, autocast)
+            elapsed = elapsed0 + time.time() - t_start
+            log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            write_log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                       "elapsed": elapsed})
+            if not math.isfinite(losses["val"]):
+                raise SystemExit(f"error: the val loss is {losses['val']} at iteration {iter_num}; stopping. "
+                                 f"The last good checkpoint is {ckpt_path}")
+            best_val = min(best_val, losses["val"])
+            t_last = time.time()  # tokens/s measures training, not evaluation
+            rng = gather_rng(pending_rng, ddp, world)  # every rank takes part
+            if iter_num > 0 and master:
+                save_checkpoint(ckpt_path, {
+                    "model_name": args.model, "model_config": dataclasses.asdict(config),
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "iter_num": iter_num, "best_val_loss": best_val, "settings": s, "meta": meta,
+                    "elapsed": elapsed, "rng": rng})
+                saved = True
+        fresh = False
+        if iter_num >= s["max_iters"]:
+            break
+
+        # forward, backward and the optimizer step; the loss stays on the device until it is logged
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(s["gradient_accumulation_steps"]):
+            if ddp:  # all-reduce the gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == s["gradient_accumulation_steps"] - 1
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / s["gradient_accumulation_steps"]
+            pending_rng = train_gen.get_state()
+            # draw the next batch now, so that it is ready (pinned, on its way to a GPU) for the next step
+            x, y = get_batch(folder, "train", s["batch_size"], config.block_size, train_gen, device)
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if s["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            # foreach: one fused pass over all the gradients, where the default loops over them on a CPU
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s["grad_clip"],
+                                           foreach=device.type in ("cpu", "cuda"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(raw_model, "after_step"):
+            raw_model.after_step()
+        iter_num += 1
+
+        if iter_num % s["log_interval"] == 0 or iter_num == s["max_iters"]:
+            loss_value = loss_sum.item()  # the one sync with the device per logged step
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"error: the training loss is {loss_value} at iteration {iter_num - 1}; "
+                                 f"stopping. The last good checkpoint is {ckpt_path} (try a lower "
+                                 f"--learning_rate)")
+            dt = (time.time() - t_last) / (iter_num % s["log_interval"] or s["log_interval"])
+            t_last = time.time()
+            tok_s = tokens_per_iter / dt
+            row = {"iter": iter_num, "loss": loss_value, "lr": lr, "tokens_per_sec": tok_s,
+                   "elapsed": elapsed0 + time.time() - t_start}
+            mfu = ""
+            if peak:
+                row["mfu"] = raw_model.flops_per_token(config.block_size) * tok_s / peak
+                mfu = f", mfu {100 * row['mfu']:.1f}%"
+            if hasattr(raw_model, "metrics"):
+                row.update(raw_model.metrics())
+            log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                f"{tok_s:,.0f} tokens/s{mfu}")
+            write_log(row)
+
+    # 6. Finish
+    if master:
+        written = ["config.json", "log.jsonl"] + ["ckpt.pt"] * saved
+        written += finish(args.model, raw_model, s, meta, log_path, device, autocast, log)
+        note = "" if saved else " (no ckpt.pt: this run trained no step past its start)"
+        log(f"done in {time.time() - t_start:.0f}s: {s['out_dir']}/ has {', '.join(written)}{note}")
+    if ddp:
+        import torch.distributed as dist
+        dist.barrier()  # leave together: a rank that tears gloo down while rank 0 still writes can abort
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""bench.py end to end on tiny settings (--quick), and its MQAR task: right by construction, learnable by gpt."""
+"""bench.py end to end on tiny settings (--quick), and its MQAR task: right by construction, learnable by
+gpt."""
 import json
 import os
 import subprocess
@@ -46,7 +47,8 @@ def test_kernels(tmp_path):
 
 
 def test_kernels_triton_in_the_interpreter(tmp_path):
-    rows = run_part("kernels", tmp_path, "--models", "gpt", "--kernels", "torch,triton,sdpa", "--seq_lens", "32")
+    rows = run_part("kernels", tmp_path, "--models", "gpt", "--kernels", "torch,triton,sdpa",
+                    "--seq_lens", "32")
     assert [(r["kernel"], r["pass"]) for r in rows] == [(k, p) for p in ("fwd", "fwd+bwd") for k in
                                                         ("torch", "triton", "sdpa")]
     assert all(r["speedup"] > 0 for r in rows if r["kernel"] != "torch")
@@ -76,6 +78,24 @@ def test_compare(tmp_path):
         assert abs(r["params"] / gpt["params"] - 1) < 0.5, (r["model"], r["params"], gpt["params"])
 
 
+def test_compare_trains_with_train_pys_schedule(tmp_path):
+    """bench.py's compare takes train.py's learning rate at each step: the schedule it records is the settings
+    `python train.py --max_iters N --warmup_iters N // 20` resolves, and train.py's get_lr on them gives the
+    learning rate it used after each evaluation."""
+    import train
+    rows = run_part("compare", tmp_path, "--models", "gpt", "--iters", "40", "--eval_every", "7")
+    row = rows[0]
+    flags = ["--max_iters", "40", "--warmup_iters", "2", "--learning_rate", "1e-3"]
+    args, given, module = train.parse_args(flags)
+    settings = train.read_settings(args, given, module)[0]
+    assert row["schedule"] == {**settings, "out_dir": None}  # the same settings train.py would run with
+    lrs = {c["iter"]: c["lr"] for c in row["curve"] if "lr" in c}
+    assert sorted(lrs) == [0, 7, 14, 21, 28, 35]
+    for it, lr in lrs.items():
+        assert lr == train.get_lr(it, settings), (it, lr)
+    assert lrs[0] < lrs[7] and lrs[35] < lrs[7]  # warmup, then decay
+
+
 def test_mqar_part(tmp_path):
     rows = run_part("mqar", tmp_path)
     assert [r["model"] for r in rows] == HAVE
@@ -91,9 +111,10 @@ def test_script_and_bad_input(tmp_path):
     assert p.returncode == 0, p.stderr
     assert os.path.exists(tmp_path / "bench_results" / "cpu" / "generate.json")  # the default --out
     p = run("--models", "nope")
-    assert p.returncode == 2 and p.stderr.strip() == "bench.py: error: unknown model 'nope'; choose from: " + \
-        ", ".join(HAVE), p.stderr
-    for args, message in ((["--seq_lens", "a,b"], "bad --seq_lens"), (["train", "--size", "d_model"], "bad Config settings"),
+    want = "bench.py: error: unknown model 'nope'; choose from: " + ", ".join(HAVE)
+    assert p.returncode == 2 and p.stderr.strip() == want, p.stderr
+    for args, message in ((["--seq_lens", "a,b"], "bad --seq_lens"),
+                          (["train", "--size", "d_model"], "bad Config settings"),
                           (["mqar", "--mqar_vocab", "30"], "4K <= L < vocab_size")):
         with pytest.raises(bench.UsageError, match=message):
             bench.main([*args, "--quick", "--out", str(tmp_path)])

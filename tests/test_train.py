@@ -16,7 +16,8 @@ import torch
 from conftest import ROOT
 
 TINY = ["--n_layer", "1", "--d_model", "32", "--n_head", "2", "--n_kv_head", "2", "--mlp_hidden", "64",
-        "--block_size", "16", "--batch_size", "4", "--eval_iters", "2", "--log_interval", "5", "--sample_tokens", "20"]
+        "--block_size", "16", "--batch_size", "4", "--eval_iters", "2", "--log_interval", "5",
+        "--sample_tokens", "20"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("TRITON_INTERPRET", None)  # as a user's shell has it
 
@@ -41,7 +42,8 @@ def run(script, *args, check=True):
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                        env=ENV, cwd=ROOT, timeout=600)
     if check and p.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n"
+                             f"{p.stderr[-3000:]}")
     return p
 
 
@@ -85,8 +87,8 @@ def test_resume_continues_the_same_run(data, tmp_path):
 
 def test_sigkill_leaves_a_loadable_checkpoint(data, tmp_path):
     rng = random.Random(0)
-    args = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", data, "--out_dir", str(tmp_path), *TINY,
-            "--max_iters", "100000", "--eval_interval", "1", "--eval_iters", "1"]
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", data, "--out_dir", str(tmp_path),
+            *TINY, "--max_iters", "100000", "--eval_interval", "1", "--eval_iters", "1"]
     iters = []
     for attempt in range(4):  # kill it at random moments, mostly mid-save
         p = subprocess.Popen(args + (["--resume"] if attempt else []), env=ENV, cwd=ROOT,
@@ -133,11 +135,29 @@ def assert_usage_error(p, *words):
     (["--n_head", "3"], ["n_head"]),
     (["--device", "cuda"], ["no CUDA GPU"]),
     (["--max_iters", "-5"], ["--max_iters"]),
+    (["--max_iter", "5"], ["unrecognized arguments", "--max_iter"]),  # no abbreviations: see the next test
     (["--resume"], ["no checkpoint"]),
 ])
 def test_bad_input_is_one_line(data, tmp_path, args, words):
     cmd = ["--dataset", data, "--out_dir", str(tmp_path / "run"), *args]
     assert_usage_error(run("train.py", *cmd, check=False), *words)
+
+
+def test_resume_refuses_an_abbreviated_flag(data, tmp_path):
+    """--resume keeps the checkpoint's settings except the flags typed; an abbreviation would be parsed but
+    not seen as typed, so the checkpoint's value would silently win. Abbreviations are refused instead."""
+    train(data, tmp_path, "--max_iters", "2", "--eval_interval", "2", "--sample_tokens", "0")
+    p = run("train.py", "--out_dir", str(tmp_path), "--resume", "--max_iter", "4", check=False)
+    assert_usage_error(p, "unrecognized arguments: --max_iter")
+    train(data, tmp_path, "--resume", "--max_iters", "4")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 4
+
+
+def test_zero_iterations_says_what_it_wrote(data, tmp_path):
+    p = train(data, tmp_path, "--max_iters", "0")
+    done = p.stdout.strip().splitlines()[-1]
+    assert "config.json, log.jsonl, loss.png, sample.txt" in done and "no ckpt.pt" in done, done
+    assert not (tmp_path / "ckpt.pt").exists() and (tmp_path / "sample.txt").exists()
 
 
 def test_bad_checkpoints_for_resume(data, tmp_path):
@@ -148,10 +168,10 @@ def test_bad_checkpoints_for_resume(data, tmp_path):
     shutil.copytree(data, other, dirs_exist_ok=True)
     with open(os.path.join(other, "meta.pkl"), "wb") as f:
         pickle.dump({"vocab_size": 3, "itos": {0: "a", 1: "b", 2: "c"}, "stoi": {"a": 0, "b": 1, "c": 2}}, f)
-    assert_usage_error(run("train.py", "--dataset", other, "--out_dir", str(tmp_path), "--resume", check=False),
-                       "another vocabulary")
-    assert_usage_error(run("train.py", "--dataset", data, "--out_dir", str(tmp_path), "--resume", "--n_layer", "3",
-                           check=False), "--n_layer")
+    resume = ["--out_dir", str(tmp_path), "--resume"]
+    assert_usage_error(run("train.py", "--dataset", other, *resume, check=False), "another vocabulary")
+    assert_usage_error(run("train.py", "--dataset", data, *resume, "--n_layer", "3", check=False),
+                       "--n_layer")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
     assert_usage_error(run("sample.py", "--out_dir", str(tmp_path / "junk"), check=False), "not a readable")
@@ -175,9 +195,9 @@ def test_sample(data, tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU is tested on Linux")
 def test_ddp_two_processes_on_cpu(data, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(ROOT, "train.py"), "--dataset", data, "--out_dir", str(tmp_path), *TINY,
-                        "--max_iters", "6", "--eval_interval", "3", "--device", "cpu"],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    p = subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), "--dataset", data, "--out_dir",
+                        str(tmp_path), *TINY, "--max_iters", "6", "--eval_interval", "3", "--device", "cpu"],
                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
