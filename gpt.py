@@ -9,28 +9,34 @@ and grouped-query attention. Each block is
     x = x + MLP(RMSNorm(x))
 
 with
-    RMSNorm(x)      = x / sqrt(mean(x^2) + eps) * g
-    RoPE(x, n)      rotates each channel pair (x_2j, x_2j+1) by the angle n * theta^(-2j/D), so q_m . k_n
-                    depends only on the distance m - n (read as complex numbers: a product with e^(i n theta_j))
-    Attention       = softmax(Q K^T / sqrt(D) + M) V, M = -inf above the diagonal (causal);
-                    n_head query heads share n_kv_head key/value heads (GQA)
-    MLP(x)          = (SiLU(x W_gate) * (x W_up)) W_down                        (SwiGLU)
+    RMSNorm(x)   = x / sqrt(mean(x^2) + eps) * g
+    RoPE(x, n)   rotates each channel pair (x_2j, x_2j+1) by the angle n * theta^(-2j/D), so q_m . k_n
+                 depends only on the distance m - n (as complex numbers: a product with e^(i n theta_j))
+    Attention    = softmax(Q K^T / sqrt(D) + M) V, M = -inf above the diagonal (causal);
+                 H query heads share Hkv key/value heads (grouped-query attention, GQA)
+    MLP(x)       = (SiLU(x W_gate) * (x W_up)) W_down                                (SwiGLU)
+
+Notation: B batch, T sequence length (Tq queries after Tk keys when a KV cache is in play), C = d_model,
+H query heads, Hkv key/value heads, D = C / H the head dim. In the kernels BLOCK_M, BLOCK_N and BLOCK_D
+are the tiles of queries, keys and head dim.
 
 The core is `attention(q, k, v, kernel=...)`:
-    "torch"  the explicit masked softmax, as the equation reads: the one to read, and the reference the
-             tests hold the other two to
-    "sdpa"   PyTorch's fused F.scaled_dot_product_attention, the same function in one op (the default: the
-             fastest path wherever PyTorch runs, 10% of a training step on a CPU at the default size)
-    "triton" a FlashAttention-2 kernel, forward and backward (below)
+    "torch"   `attention_ref`, the explicit masked softmax as the equation reads: the one to read, and
+              the reference the tests hold the other two to
+    "sdpa"    PyTorch's fused F.scaled_dot_product_attention, the same function in one op (the default:
+              the fastest path wherever PyTorch runs, 10% of a training step on a CPU at the default size)
+    "triton"  `attention_triton`, FlashAttention-2, forward and backward (below)
 
-The Triton kernels are FlashAttention-2 (Dao 2023), after Triton's fused-attention tutorial. A program holds
-a tile of queries and streams tiles of keys and values past it, keeping each row's running max m_i, running
-sum l_i and an fp32 accumulator acc (the online softmax: old sums are rescaled when the max grows), so the
-(T, T) score matrix is never stored, and it stops at the causal diagonal. The backward recomputes the
-probabilities tile by tile from each row's saved log-sum-exp. It is `attention`'s softmax, a tile at a time.
+The Triton kernels are FlashAttention-2 (Dao 2023), after Triton's fused-attention tutorial
+(triton-lang/triton, python/tutorials/06-fused-attention.py). A program holds a tile of queries and
+streams tiles of keys and values past it, keeping each row's running max m_i, running sum l_i and an fp32
+accumulator acc (the online softmax: old sums are rescaled when the max grows), so the (T, T) score matrix
+is never stored, and it stops at the causal diagonal. The backward recomputes the probabilities tile by
+tile from each row's saved log-sum-exp. It is `attention_ref`'s softmax, a tile at a time.
 
-Layout: Config, the attention core in PyTorch, the core in Triton, the layers (RMSNorm, RoPE, Attention,
-MLP, Block), the Model (forward, prefill/step with a KV cache, generate).
+Layout: Config; the core in PyTorch (attention, attention_ref); the core in Triton (kernels,
+AttentionTriton, attention_triton); the layers (RMSNorm, RoPE, Attention, MLP, Block); the Model
+(forward, prefill/step with a KV cache, generate); a self-check, `python gpt.py`.
 """
 
 import math
@@ -56,10 +62,11 @@ class Config:
     d_model: int = 128
     kernel: str = "sdpa"  # attention core: "torch" (explicit softmax), "sdpa" or "triton"
     n_head: int = 4
-    n_kv_head: int = 2  # < n_head for grouped-query attention (2 query heads per kv head here); divides n_head
+    n_kv_head: int = 2  # < n_head for grouped-query attention (2 query heads per kv head); divides n_head
     mlp_hidden: int = 320  # SwiGLU width: about 8/3 * d_model (a 4*d MLP's parameters), a multiple of 64
-    qk_norm: bool = False  # RMSNorm on q and k per head: tames attention logits in big or long runs; off by
-    # default, since two more norms per layer cost ~12% of a CPU training step and the small model needs none
+    # RMSNorm on q and k per head: tames attention logits in big or long runs. Off by default: two more
+    # norms per layer cost ~12% of a CPU training step, and the small model needs none.
+    qk_norm: bool = False
     rope_theta: float = 10000.0
     tie_weights: bool = True  # lm_head shares the token embedding matrix
 
@@ -80,14 +87,23 @@ class Config:
 def attention(q, k, v, kernel="torch"):
     """Causal attention. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with Tq <= Tk and H a multiple of Hkv.
     The queries are the last Tq of the Tk positions (Tq = Tk in training, Tq = 1 when decoding)."""
-    if kernel == "triton":
-        return flash_attention(q, k, v)
-    Tq, Tk = q.size(2), k.size(2)
+    if kernel == "torch":
+        return attention_ref(q, k, v)
     if kernel == "sdpa":
+        Tq, Tk = q.size(2), k.size(2)
         # is_causal aligns the mask top-left, which is wrong when Tq < Tk: pass the mask then.
         mask = None if Tq == Tk else causal_mask(Tq, Tk, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=Tq == Tk,
                                               enable_gqa=q.size(1) != k.size(1))
+    if kernel == "triton":
+        return attention_triton(q, k, v)
+    raise ValueError(f"kernel must be 'torch', 'sdpa' or 'triton', not {kernel!r}")
+
+
+def attention_ref(q, k, v):
+    """softmax(Q K^T / sqrt(D)) V under the causal mask, written out: the definition, and the tests'
+    reference."""
+    Tq, Tk = q.size(2), k.size(2)
     group = q.size(1) // k.size(1)  # query heads per kv head
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, Tk, D)
@@ -103,58 +119,201 @@ def causal_mask(Tq, Tk, device):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The core in Triton
+# The core in Triton: FlashAttention-2, forward and backward
 
 
 def check_triton(*tensors):
     """Raise one clear line if the Triton path cannot run on these tensors."""
     if triton is None:
-        raise RuntimeError("kernel='triton' needs the triton package (Linux only): pip install triton, or use kernel='torch'")
+        raise RuntimeError("kernel='triton' needs the triton package (Linux only): pip install triton, "
+                           "or use kernel='torch'")
     if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 set before this file is imported (slow; for reading and debugging)")
+        raise RuntimeError("kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 set before this file is "
+                           "imported (slow; for reading and debugging)")
 
 
-def flash_attention(q, k, v):
-    """attention(q, k, v, "triton"): the kernels below, joined for autograd by FlashAttention."""
-    check_triton(q, k, v)
-    if q.size(-1) > 128:
-        raise RuntimeError(f"kernel='triton' takes head dims up to 128, not {q.size(-1)}: its tiles are sized "
-                           f"for an H100's shared memory; use kernel='sdpa'")
-    # One dtype for all three; under autocast the autocast dtype, as a matmul would do.
-    dev = q.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        # Triton's interpreter multiplies the raw bits of bf16 in tl.dot (triton-lang/triton#11584): use fp32 there.
-        return FlashAttention.apply(q.float(), k.float(), v.float()).to(dtype)
-    return FlashAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype))
+# Every kernel runs on a grid of (tile, batch * head) programs, on (B, H, T, D) tensors laid out
+# contiguously: row t of head bh starts at (bh * T + t) * D. Query row i of Tq sits at position Tk - Tq + i,
+# so it sees the keys j <= i + Tk - Tq; loops stop at the diagonal, so the tiles above it are never visited.
+if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), and exp2 is the GPU's instruction
+
+    @triton.jit
+    def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, H, Hkv, Tq, Tk, D, sm_scale,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """O = softmax(Q K^T / sqrt(D) + causal mask) V for BLOCK_M queries of one (batch, head). On a GPU,
+        fp32 inputs multiply in TF32 on the tensor cores (tl.dot's default), as torch's do with allow_tf32."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        qk_scale = sm_scale * LOG2E
+        off_bkv = off_bh // H * Hkv + off_bh % H // (H // Hkv)  # GQA: b * Hkv + h // group, h's kv head
+        kv_base = off_bkv.to(tl.int64) * Tk * D  # int64: B * H * T * D can pass 2^31
+
+        # 1. Load this program's tile of queries; it stays put while the keys stream past.
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        q = tl.load(q_ptr + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of each row's scores
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
+
+        # 2. Walk the key tiles up to the diagonal, folding each into the online softmax.
+        hi = tl.minimum(Tk, (start_m + 1) * BLOCK_M + Tk - Tq)  # one past the last row's diagonal
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_kv = kv_base + offs_n[:, None] * D + offs_d[None, :]
+            kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+            k = tl.load(k_ptr + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(v_ptr + offs_kv, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores in fp32, times log2(e) for exp2
+            # The causal mask; for the rows we store it also hides the padding keys >= Tk.
+            s = tl.where(offs_m[:, None] + Tk - Tq >= offs_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in the first tile and every row sees it
+            alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old max
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+
+        # 3. Normalise, and keep each row's log-sum-exp (base 2) for the backward.
+        tl.store(o_ptr + offs_q, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(lse_ptr + off_bh.to(tl.int64) * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
+
+    @triton.jit
+    def attention_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, Tq, D,
+                                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """delta_i = sum_d dO_id * O_id (= sum_j P_ij dP_ij), the row term of the softmax's gradient."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        o = tl.load(o_ptr + offs_q, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + offs_q, mask=mask, other=0.0).to(tl.float32)
+        tl.store(delta_ptr + off_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+    @triton.jit
+    def attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                                  H, Hkv, Tq, Tk, D, sm_scale,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dK and dV for BLOCK_N keys of one kv head: K and V stay put while the query tiles of every query
+        head that reads this kv head stream past. One program sums all of its GQA group in a fixed order, so
+        dK and dV come out the same on every run (atomic adds from several programs would not)."""
+        start_n = tl.program_id(0)
+        off_bkv = tl.program_id(1)
+        qk_scale = sm_scale * LOG2E
+
+        # 1. Load this program's keys and values.
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_kv = off_bkv.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
+        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        k = tl.load(k_ptr + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptr + offs_kv, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+        # 2. For each query head of the group, walk the query tiles from the first that sees these keys.
+        lo = tl.maximum(start_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M  # rows above lo see none
+        for g in range(H // Hkv):
+            off_bh = off_bkv * (H // Hkv) + g  # = b * H + h for the group's g-th query head h
+            for start_m in range(lo, Tq, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+                q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+                q = tl.load(q_ptr + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+                do = tl.load(do_ptr + offs_q, mask=q_mask, other=0.0)
+                offs_row = off_bh.to(tl.int64) * Tq + offs_m  # lse and delta: one fp32 per query row
+                lse = tl.load(lse_ptr + offs_row, mask=offs_m < Tq, other=0.0)
+                delta = tl.load(delta_ptr + offs_row, mask=offs_m < Tq, other=0.0)
+
+                # 3. P^T, keys along the rows so that dK and dV accumulate in place; recomputed from the
+                # lse, not stored.
+                pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+                causal = offs_m[None, :] + Tk - Tq >= offs_n[:, None]
+                pT = tl.where((offs_m[None, :] < Tq) & causal, pT, 0.0)
+
+                # 4. The chain rule through O = P V and P = softmax(S).
+                dv = tl.dot(pT.to(do.dtype), do, dv)  # dV = P^T dO
+                dpT = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
+                dsT = pT * (dpT - delta[None, :])  # dS = P * (dP - delta)
+                dk = tl.dot(dsT.to(q.dtype), q, dk)  # dK = dS^T Q / sqrt(D); the 1/sqrt(D) once, at the end
+
+        tl.store(dk_ptr + offs_kv, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + offs_kv, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                                H, Hkv, Tq, Tk, D, sm_scale,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dQ for BLOCK_M queries of one head: the forward's walk over key tiles again, now summing dS K."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        qk_scale = sm_scale * LOG2E
+        off_bkv = off_bh // H * Hkv + off_bh % H // (H // Hkv)
+        kv_base = off_bkv.to(tl.int64) * Tk * D
+
+        # 1. Load this program's queries, their output gradients and per-row terms.
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        q = tl.load(q_ptr + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(do_ptr + offs_q, mask=q_mask, other=0.0)
+        offs_row = off_bh.to(tl.int64) * Tq + offs_m  # lse and delta: one fp32 per query row
+        lse = tl.load(lse_ptr + offs_row, mask=offs_m < Tq, other=0.0)
+        delta = tl.load(delta_ptr + offs_row, mask=offs_m < Tq, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        # 2. Walk the key tiles up to the diagonal: recompute P, then dS, and sum dS K.
+        hi = tl.minimum(Tk, (start_m + 1) * BLOCK_M + Tk - Tq)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_kv = kv_base + offs_n[:, None] * D + offs_d[None, :]
+            kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+            k = tl.load(k_ptr + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(v_ptr + offs_kv, mask=kv_mask, other=0.0)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+            p = tl.where(offs_m[:, None] + Tk - Tq >= offs_n[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v))  # dP = dO V^T
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq)  # dQ = dS K / sqrt(D); the 1/sqrt(D) once, at the end
+
+        tl.store(dq_ptr + offs_q, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 def block_sizes(Tq, D, dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_D): query tile, key tile and padded head dim, for every kernel below.
+    """(BLOCK_M, BLOCK_N, BLOCK_D): query tile, key tile and padded head dim, for every kernel above.
     64 x 64 tiles are FlashAttention-2's size for head dims up to 128: big enough to keep the tensor cores
-    busy, small enough that what a program holds (its Q or K/V tile, plus the streamed tiles, triple-buffered)
-    fits the 227 KB of shared memory an H100 gives a program. Where a row of K is wider than 256 bytes (fp32
-    at head dim 128) the key tile halves to 32 rows: 64 would need 224 KB. A short chunk of queries (decode: Tq = 1)
-    gets tl.dot's smallest tile, 16 rows, not 64 mostly empty ones. The head dim is padded to a power of two
-    (>= 16, tl.dot's smallest) and masked, so 48 runs as a masked 64."""
+    busy, small enough that what a program holds (its Q or K/V tile, plus the streamed tiles,
+    triple-buffered) fits the 227 KB of shared memory an H100 gives a program. Where a row of K is wider
+    than 256 bytes (fp32 at head dim 128) the key tile halves to 32 rows: 64 would need 224 KB. A short
+    chunk of queries (decode: Tq = 1) gets tl.dot's smallest tile, 16 rows, not 64 mostly empty ones. The
+    head dim is padded to a power of two (>= 16, tl.dot's smallest) and masked, so 48 runs as a masked 64."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_M = min(64, max(16, triton.next_power_of_2(Tq)))
     BLOCK_N = 64 if BLOCK_D * dtype.itemsize <= 256 else 32
     return BLOCK_M, BLOCK_N, BLOCK_D
 
 
-class FlashAttention(torch.autograd.Function):
+class AttentionTriton(torch.autograd.Function):
+    """The kernels above joined for autograd. Between forward and backward it keeps q, k, v, the output
+    and one log-sum-exp per query row: nothing of size T^2."""
+
     @staticmethod
     def forward(ctx, q, k, v):
-        # The kernels index (B, H, T, D) tensors as contiguous: row t of head bh starts at (bh * T + t) * D.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the kernels' layout (see above)
         B, H, Tq, D = q.shape
         Hkv, Tk = k.size(1), k.size(2)
         BLOCK_M, BLOCK_N, BLOCK_D = block_sizes(Tq, D, q.dtype)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # each row's log-sum-exp, base 2
-        _attn_fwd[(triton.cdiv(Tq, BLOCK_M), B * H)](q, k, v, o, lse, H, Hkv, Tq, Tk, D, 1 / math.sqrt(D),
-                                                     BLOCK_M, BLOCK_N, BLOCK_D)
+        grid = (triton.cdiv(Tq, BLOCK_M), B * H)
+        attention_fwd_kernel[grid](q, k, v, o, lse, H, Hkv, Tq, Tk, D, 1 / math.sqrt(D),
+                                   BLOCK_M, BLOCK_N, BLOCK_D)
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
@@ -166,140 +325,33 @@ class FlashAttention(torch.autograd.Function):
         Hkv, Tk = k.size(1), k.size(2)
         BLOCK_M, BLOCK_N, BLOCK_D = block_sizes(Tq, D, q.dtype)
         sm_scale = 1 / math.sqrt(D)
+
+        # delta, then dK/dV and dQ in two kernels where the tutorial fuses them in one: with GQA their
+        # grids differ (a program per key tile of a kv head, a program per query tile of a query head).
         delta = torch.empty_like(lse)
-        # delta, then dK/dV and dQ in two kernels where the tutorial fuses them in one: with GQA their grids
-        # differ (a program per key tile of a kv head, a program per query tile of a query head).
-        _attn_bwd_preprocess[(triton.cdiv(Tq, BLOCK_M), B * H)](o, do, delta, Tq, D, BLOCK_M, BLOCK_D)
+        attention_bwd_preprocess_kernel[(triton.cdiv(Tq, BLOCK_M), B * H)](o, do, delta, Tq, D,
+                                                                            BLOCK_M, BLOCK_D)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _attn_bwd_dkdv[(triton.cdiv(Tk, BLOCK_N), B * Hkv)](q, k, v, do, lse, delta, dk, dv, H, Hkv, Tq, Tk, D,
-                                                            sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
-        _attn_bwd_dq[(triton.cdiv(Tq, BLOCK_M), B * H)](q, k, v, do, lse, delta, dq, H, Hkv, Tq, Tk, D,
-                                                        sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
+        attention_bwd_dkdv_kernel[(triton.cdiv(Tk, BLOCK_N), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, H, Hkv, Tq, Tk, D, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
+        attention_bwd_dq_kernel[(triton.cdiv(Tq, BLOCK_M), B * H)](
+            q, k, v, do, lse, delta, dq, H, Hkv, Tq, Tk, D, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
         return dq, dk, dv
 
 
-# Every kernel runs on a grid of (tile, batch * head) programs. Query row i of Tq sits at position Tk - Tq + i,
-# so it sees the keys j <= i + Tk - Tq; loops stop at the diagonal, so the tiles above it are never visited.
-if triton is not None:
-    LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), and exp2 is the GPU's instruction
-
-    @triton.jit
-    def _attn_fwd(Q, K, V, O, LSE, H, Hkv, Tq, Tk, D, sm_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """O = softmax(Q K^T / sqrt(D) + causal mask) V for BLOCK_M queries of one (batch, head). On a GPU, fp32
-        inputs multiply in TF32 on the tensor cores (tl.dot's default), as torch's do with allow_tf32."""
-        start_m, off_bh = tl.program_id(0), tl.program_id(1)
-        qk_scale = sm_scale * LOG2E
-        off_bkv = off_bh // H * Hkv + off_bh % H // (H // Hkv)  # GQA: b * Hkv + h // group, the kv head h reads
-        kv_base = off_bkv.to(tl.int64) * Tk * D  # int64: B * H * T * D can pass 2^31
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
-        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-        q = tl.load(Q + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of each row's scores
-        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
-        hi = tl.minimum(Tk, (start_m + 1) * BLOCK_M + Tk - Tq)  # one past the last row's diagonal
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            offs_kv = kv_base + offs_n[:, None] * D + offs_d[None, :]
-            kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
-            k = tl.load(K + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(V + offs_kv, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores in fp32, times log2(e) for exp2
-            # The causal mask; for the rows we store it also hides the padding keys >= Tk.
-            s = tl.where(offs_m[:, None] + Tk - Tq >= offs_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in the first tile and every row sees it
-            alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old max
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
-        tl.store(O + offs_q, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
-        tl.store(LSE + off_bh.to(tl.int64) * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
-
-    @triton.jit
-    def _attn_bwd_preprocess(O, DO, Delta, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """delta_i = sum_d dO_id * O_id (= sum_j P_ij dP_ij), the row term of the softmax's gradient."""
-        start_m, off_bh = tl.program_id(0), tl.program_id(1)
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
-        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-        o = tl.load(O + offs_q, mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + offs_q, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Delta + off_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
-
-    @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, H, Hkv, Tq, Tk, D, sm_scale,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """dK and dV for BLOCK_N keys of one kv head: K and V stay put while the query tiles of every query head
-        that reads this kv head stream past. One program sums all of its GQA group in a fixed order, so dK and dV
-        come out the same on every run (atomic adds from several programs would not)."""
-        start_n, off_bkv = tl.program_id(0), tl.program_id(1)
-        qk_scale = sm_scale * LOG2E
-        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_kv = off_bkv.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
-        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
-        k = tl.load(K + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + offs_kv, mask=kv_mask, other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        lo = tl.maximum(start_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M  # rows above lo see none of these keys
-        for g in range(H // Hkv):
-            off_bh = off_bkv * (H // Hkv) + g  # = b * H + h for the group's g-th query head h
-            for start_m in range(lo, Tq, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
-                q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-                q = tl.load(Q + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-                do = tl.load(DO + offs_q, mask=q_mask, other=0.0)
-                offs_row = off_bh.to(tl.int64) * Tq + offs_m  # lse and delta: one fp32 per query row
-                lse = tl.load(LSE + offs_row, mask=offs_m < Tq, other=0.0)
-                delta = tl.load(Delta + offs_row, mask=offs_m < Tq, other=0.0)
-                # P^T, keys along the rows so that dK and dV accumulate in place; recomputed from the lse, not stored.
-                pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-                pT = tl.where((offs_m[None, :] < Tq) & (offs_m[None, :] + Tk - Tq >= offs_n[:, None]), pT, 0.0)
-                dv = tl.dot(pT.to(do.dtype), do, dv)  # dV = P^T dO
-                dpT = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
-                dsT = pT * (dpT - delta[None, :])  # dS = P * (dP - delta)
-                dk = tl.dot(dsT.to(q.dtype), q, dk)  # dK = dS^T Q / sqrt(D); the 1/sqrt(D) once, at the end
-        tl.store(DK + offs_kv, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + offs_kv, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-    @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, H, Hkv, Tq, Tk, D, sm_scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """dQ for BLOCK_M queries of one head: the forward's walk over key tiles again, now summing dS K."""
-        start_m, off_bh = tl.program_id(0), tl.program_id(1)
-        qk_scale = sm_scale * LOG2E
-        off_bkv = off_bh // H * Hkv + off_bh % H // (H // Hkv)
-        kv_base = off_bkv.to(tl.int64) * Tk * D
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_q = off_bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
-        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-        q = tl.load(Q + offs_q, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(DO + offs_q, mask=q_mask, other=0.0)
-        offs_row = off_bh.to(tl.int64) * Tq + offs_m  # lse and delta: one fp32 per query row
-        lse = tl.load(LSE + offs_row, mask=offs_m < Tq, other=0.0)
-        delta = tl.load(Delta + offs_row, mask=offs_m < Tq, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = tl.minimum(Tk, (start_m + 1) * BLOCK_M + Tk - Tq)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            offs_kv = kv_base + offs_n[:, None] * D + offs_d[None, :]
-            kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
-            k = tl.load(K + offs_kv, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(V + offs_kv, mask=kv_mask, other=0.0)
-            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
-            p = tl.where(offs_m[:, None] + Tk - Tq >= offs_n[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v))  # dP = dO V^T
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq)  # dQ = dS K / sqrt(D); the 1/sqrt(D) once, at the end
-        tl.store(DQ + offs_q, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+def attention_triton(q, k, v):
+    """attention(q, k, v, "triton"): AttentionTriton, in one dtype for all three (under autocast the
+    autocast dtype, as a matmul would take)."""
+    check_triton(q, k, v)
+    if q.size(-1) > 128:
+        raise RuntimeError(f"kernel='triton' takes head dims up to 128, not {q.size(-1)}: its tiles are "
+                           f"sized for an H100's shared memory; use kernel='sdpa'")
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's interpreter multiplies the raw bits of bf16 in tl.dot (triton-lang/triton#11584): use fp32
+        return AttentionTriton.apply(q.float(), k.float(), v.float()).to(dtype)
+    return AttentionTriton.apply(q.to(dtype), k.to(dtype), v.to(dtype))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,7 +371,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(positions, head_dim, theta):
-    """The rotations e^(i n theta_j), theta_j = theta^(-2j/D), as complex numbers (T, D/2), for positions n (T,)."""
+    """The rotations e^(i n theta_j), theta_j = theta^(-2j/D), as complex numbers (T, D/2), for the
+    positions n (T,)."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[:, None] * freqs[None, :]  # (T, D/2)
     return torch.polar(torch.ones_like(angles), angles)
@@ -338,7 +391,8 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.d_model // config.n_head
         self.kernel = config.kernel
-        self.c_attn = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(config.d_model, qkv_dim, bias=False)  # W_Q, W_K, W_V, fused
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
@@ -348,10 +402,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qk, v = self.c_attn(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
-        qk = qk.view(B, T, H + Hkv, D).transpose(1, 2)  # (B, H + Hkv, T, D): the query heads, then the key heads
+        qk = qk.view(B, T, H + Hkv, D).transpose(1, 2)  # (B, H + Hkv, T, D): query heads, then key heads
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
-        q, k = apply_rope(qk, rope).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D): one rotation for both
+        q, k = apply_rope(qk, rope).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D): one rotation
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:  # keys and values of the earlier positions, already rotated
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, Hkv, Tk, D)
@@ -421,14 +475,16 @@ class Model(nn.Module):
     def prefill(self, idx, state=None):
         """Run the tokens idx (B, T) in parallel after the KV cache `state` (None: a new sequence).
         Returns the logits (B, T, vocab_size) and the cache extended by these T positions."""
-        B, T = idx.shape
+        T = idx.size(1)
         start = 0 if state is None else state["pos"]
         cached = 0 if state is None else state["kv"][0][0].size(2)
         if T > 1 and cached + T > self.config.block_size:
-            raise ValueError(f"{cached} cached + {T} new tokens is longer than block_size={self.config.block_size}; "
-                             f"feed the rest token by token with step()")
-        rope = rope_angles(torch.arange(start, start + T, device=idx.device), self.config.d_model //
-                           self.config.n_head, self.config.rope_theta)
+            raise ValueError(f"{cached} cached + {T} new tokens is longer than "
+                             f"block_size={self.config.block_size}; feed the rest token by token with step()")
+        head_dim = self.config.d_model // self.config.n_head
+        positions = torch.arange(start, start + T, device=idx.device)
+        rope = rope_angles(positions, head_dim, self.config.rope_theta)
+
         x = self.wte(idx)  # (B, T, d_model)
         caches = [None] * len(self.blocks) if state is None else state["kv"]
         new_caches = []
@@ -437,6 +493,7 @@ class Model(nn.Module):
             # A full cache slides: the oldest position drops out. RoPE encodes only distances, so the
             # positions kept are still scored exactly as before.
             new_caches.append((k[:, :, -self.config.block_size:], v[:, :, -self.config.block_size:]))
+
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
         return logits, {"pos": start + T, "kv": new_caches}
 
@@ -466,7 +523,8 @@ class Model(nn.Module):
         return idx
 
     def param_groups(self, weight_decay):
-        """AdamW groups: weight decay on the matrices (linear layers, embedding), none on norm gains."""
+        """AdamW groups: weight decay on the matrices (every parameter of two or more dimensions), none on
+        the vectors (norm gains, biases)."""
         params = list(self.parameters())
         return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -474,7 +532,32 @@ class Model(nn.Module):
     def flops_per_token(self, T):
         """Training FLOPs per token (forward + backward) at context T, after PaLM's appendix B: 6 per matmul
         parameter, plus 12 * n_layer * d_model * T for the attention scores and the weighted sum."""
-        N = sum(p.numel() for p in self.parameters() if p.dim() >= 2)  # a tied matrix counts once: as lm_head
+        n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2)  # a tied matrix counts once
         if not self.config.tie_weights:
-            N -= self.wte.weight.numel()  # an embedding lookup is not a matmul
-        return 6 * N + 12 * self.config.n_layer * self.config.d_model * T
+            n_matmul -= self.wte.weight.numel()  # an embedding lookup is not a matmul
+        return 6 * n_matmul + 12 * self.config.n_layer * self.config.d_model * T
+
+
+# ---------------------------------------------------------------------------------------------------
+# Self-check: `python gpt.py` holds each fast path to attention_ref, output and gradients, on ragged
+# shapes (77 tokens: no multiple of any tile) with GQA. `TRITON_INTERPRET=1 python gpt.py` adds the Triton
+# path on a CPU.
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(2, H, 77, 32, device=device) for H in (4, 2, 2))  # 4 query heads, 2 kv heads
+    dy = torch.randn(2, 4, 77, 32, device=device)
+
+    def run(kernel, *inputs):
+        inputs = [x.detach().clone().requires_grad_() for x in inputs]
+        y = attention(*inputs, kernel=kernel)
+        y.backward(dy.to(y.dtype))
+        return [y] + [x.grad for x in inputs]
+
+    want = run("torch", q.double(), k.double(), v.double())
+    has_triton = triton is not None and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    for kernel in ["sdpa"] + ["triton"] * has_triton:
+        error = max((a.double() - b).abs().max().item() for a, b in zip(run(kernel, q, k, v), want))
+        print(f"attention(kernel={kernel!r}) vs attention_ref, output and gradients: max |difference| "
+              f"{error:.1e}")

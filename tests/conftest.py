@@ -4,7 +4,7 @@ from the models directory: the repository by default, or `--models-dir DIR` (env
 the same tests can grade another copy of a file, a student's.
 
 NANOZOO_TEST_DEVICE=cuda runs the model and kernel tests on a GPU instead, with the Triton kernels compiled
-for real (test_gpt_triton, test_mamba, test_rwkv, test_retnet, test_moe, test_models; the others are CPU
+for real (test_gpt, test_mamba, test_rwkv, test_retnet, test_moe, test_models; the others are CPU
 tests). Tensors are then born on the GPU, and fp32 tl.dot runs in full precision (TRITON_F32_DEFAULT=ieee)
 rather than TF32, so that the fp32 tolerances, written for exact arithmetic, still hold.
 """
@@ -13,7 +13,7 @@ import os
 
 DEVICE = os.environ.get("NANOZOO_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before any model file defines its kernels: Triton runs on the CPU here
+    os.environ["TRITON_INTERPRET"] = "1"  # before any model file defines its kernels: Triton runs on the CPU
 else:
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 

@@ -1,49 +1,103 @@
 """
-Pieces that several model files need are written again in each file (one model, one file) and kept
-identical, the way Hugging Face guards its "Copied from" blocks. This test compares their source text.
+Pieces that several model files need are written again in each file (one model, one file), each copy marked
+where it stands with a line above it, the way Hugging Face marks and checks its copies:
+
+    # Copied from gpt.py
+    # Copied from gpt.py, with attention -> attend      (one name substituted, as a whole word)
+
+These tests compare the source text: every marked copy equals its original, the shared pieces below are all
+marked, and no definition is copied silently (identical in two files without a marker).
 """
 import ast
+import itertools
 import os
+import re
 
 import pytest
 
 from conftest import MODELS
 
-# name -> the files that must carry an identical copy of gpt.py's version
+MARKER = re.compile(r"# Copied from (\w+)\.py(?:, with (\w+) -> (\w+))?$")
+
+# name -> the files that must carry a marked copy of gpt.py's version (at least these; more may)
 SHARED = {
-    "check_triton": MODELS,
-    "Model.generate": MODELS,
-    "RMSNorm": ("gpt", "mamba", "retnet", "moe"),
-    "rope_angles": ("gpt", "retnet", "moe"),
-    "apply_rope": ("gpt", "retnet", "moe"),
-    "causal_mask": ("gpt", "moe"),
-    "Attention": ("gpt", "moe"),
-    "Model.step": ("gpt", "moe"),
+    "check_triton": ("mamba", "rwkv", "retnet", "moe"),
+    "Model.generate": ("mamba", "rwkv", "retnet", "moe"),
+    "Model.step": ("mamba", "rwkv", "retnet", "moe"),
+    "RMSNorm": ("mamba", "retnet", "moe"),
+    "rope_angles": ("retnet", "moe"),
+    "apply_rope": ("retnet", "moe"),
+    "causal_mask": ("moe",),
+    "attention_ref": ("moe",),
+    "Attention": ("moe",),
+    "Model.prefill": ("moe",),
+    "Model.__init__": ("retnet",),
+    "Model.param_groups": ("retnet", "moe"),
 }
 
 
 def definitions(path):
-    """Top-level functions and classes, and methods as Class.method, mapped to their source text."""
+    """Top-level functions and classes, and methods as Class.method: name -> (source text, marker match or
+    None). The marker is the line just above the definition and its decorators (or its class's)."""
     source = open(path).read()
+    lines = source.splitlines()
     found = {}
+
+    def add(node, name, outer=None):
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        above = lines[first - 2].strip() if first >= 2 else ""
+        found[name] = (ast.get_source_segment(source, node), MARKER.match(above) or outer)
+        return found[name][1]
+
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            found[node.name] = ast.get_source_segment(source, node)
+            marker = add(node, node.name)
         if isinstance(node, ast.ClassDef):
             for item in node.body:
-                if isinstance(item, ast.FunctionDef):
-                    found[f"{node.name}.{item.name}"] = ast.get_source_segment(source, item)
+                if isinstance(item, ast.FunctionDef):  # a marked class marks its methods
+                    add(item, f"{node.name}.{item.name}", outer=marker)
     return found
 
 
-@pytest.mark.parametrize("name", sorted(SHARED))
-def test_copies_are_identical(name, models_dir):
-    reference = definitions(os.path.join(models_dir, "gpt.py"))
-    assert name in reference, f"gpt.py lost {name}"
-    for model in SHARED[name][1:]:
-        path = os.path.join(models_dir, f"{model}.py")
-        if not os.path.exists(path):
+@pytest.fixture(scope="module")
+def files(models_dir):
+    paths = {m: os.path.join(models_dir, f"{m}.py") for m in MODELS}
+    return {m: definitions(p) for m, p in paths.items() if os.path.exists(p)}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_marked_copies_equal_their_original(model, files):
+    if model not in files:
+        pytest.skip(f"no {model}.py")
+    for name, (text, marker) in files[model].items():
+        if marker is None:
             continue
-        copy = definitions(path).get(name)
-        assert copy is not None, f"{model}.py has no copy of {name}"
-        assert copy == reference[name], f"{model}.py's {name} has drifted from gpt.py's: copy it again"
+        origin, old, new = marker.groups()
+        where = f"{model}.py's {name} is marked as copied from {origin}.py"
+        assert origin in files and origin != model, where
+        assert name in files[origin], f"{where}, which has none"
+        want = files[origin][name][0]
+        if old:
+            want = re.sub(rf"\b{old}\b", new, want)
+        assert text == want, f"{model}.py's {name} has drifted from {origin}.py's: copy it again"
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_shared_pieces_are_marked_copies(name, files):
+    for model in SHARED[name]:
+        if model not in files:
+            continue
+        assert name in files[model], f"{model}.py has no copy of gpt.py's {name}"
+        marker = files[model][name][1]
+        assert marker is not None and marker.group(1) == "gpt", \
+            f"{model}.py's {name} needs the line '# Copied from gpt.py' above it"
+
+
+def test_no_silent_copies(files):
+    """A definition whose text is the same in two files is a copy, and must say so."""
+    for (a, defs_a), (b, defs_b) in itertools.combinations(files.items(), 2):
+        for name in defs_a.keys() & defs_b.keys():
+            (text_a, mark_a), (text_b, mark_b) = defs_a[name], defs_b[name]
+            if text_a == text_b:
+                assert mark_a is not None or mark_b is not None, \
+                    f"{name} is the same in {a}.py and {b}.py: mark the copy '# Copied from {a}.py'"

@@ -1,4 +1,5 @@
-"""Dataset preparation: the corpus is the same everywhere, the formats are nanoGPT's, GPT-2 ids are GPT-2's."""
+"""Dataset preparation: the corpus is the same everywhere, the formats are nanoGPT's, GPT-2 ids are
+GPT-2's."""
 import importlib.util
 import os
 import pickle
@@ -70,9 +71,10 @@ def test_train_prepares_a_missing_dataset(tmp_path):
         "ids.tofile(os.path.join(here, 'train.bin')); ids.tofile(os.path.join(here, 'val.bin'))\n"
         "pickle.dump({'vocab_size': 7, 'itos': {i: 'abcdefg'[i] for i in range(7)},"
         " 'stoi': {c: i for i, c in enumerate('abcdefg')}}, open(os.path.join(here, 'meta.pkl'), 'wb'))\n")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", str(tmp_path), "--out_dir",
-                        str(tmp_path / "out"), "--max_iters", "2", "--eval_iters", "1", "--n_layer", "1",
-                        "--block_size", "8", "--sample_tokens", "5"], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", str(tmp_path),
+                        "--out_dir", str(tmp_path / "out"), "--max_iters", "2", "--eval_iters", "1",
+                        "--n_layer", "1", "--block_size", "8", "--sample_tokens", "5"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "preparing dataset" in p.stdout and (tmp_path / "out" / "ckpt.pt").exists()

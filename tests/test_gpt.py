@@ -32,8 +32,11 @@ def bf16_dot(monkeypatch):
     from triton.runtime import interpreter
 
     dot = interpreter.InterpreterBuilder.create_dot
-    decode = lambda x: (interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-                        if x.dtype == tl.bfloat16 else x)
+    def decode(x):  # bf16 bits, as the fp32 numbers they are
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
                         lambda self, a, b, *rest: dot(self, decode(a), decode(b), *rest))
 
@@ -52,7 +55,8 @@ def check(gpt, B, H, Hkv, Tq, Tk, D, dtype, attention, atol, rtol):
     do = torch.randn(B, H, Tq, D).to(dtype)
     got = run(attention, q, k, v, do)
     # the reference: the torch path in fp32 on the very same (rounded) inputs
-    want = run(lambda q, k, v: gpt.attention(q, k, v, kernel="torch"), q.float(), k.float(), v.float(), do.float())
+    want = run(lambda q, k, v: gpt.attention(q, k, v, kernel="torch"), q.float(), k.float(), v.float(),
+               do.float())
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert a.dtype == dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), f"{name}: {(~torch.isfinite(a)).sum()} elements never written"
@@ -83,9 +87,9 @@ def test_attention_fp32(gpt, poison, B, H, Hkv, Tq, Tk, D):
 def test_attention_half(gpt, poison, bf16_dot, dtype, B, H, Hkv, Tq, Tk, D):
     # 16-bit inputs and P, fp32 accumulation: the Triton tutorial's 1e-2 for fp16; 2e-2 for bf16, whose 8-bit
     # mantissa the interpreter rounds P and dS to by truncation (twice the error of the torch path in bf16).
-    # First the kernels themselves (FlashAttention.apply), then the public path (fp32 for bf16 here).
+    # First the kernels themselves (AttentionTriton.apply), then the public path (fp32 for bf16 here).
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
-    for attention in (gpt.FlashAttention.apply, lambda q, k, v: gpt.attention(q, k, v, kernel="triton")):
+    for attention in (gpt.AttentionTriton.apply, lambda q, k, v: gpt.attention(q, k, v, kernel="triton")):
         check(gpt, B, H, Hkv, Tq, Tk, D, dtype, attention, atol=tol, rtol=tol)
 
 
@@ -99,7 +103,8 @@ def models(gpt):
     """The same small GQA model with the torch core and with the Triton core."""
     torch.manual_seed(0)
     config = dict(vocab_size=37, block_size=24, n_layer=2, d_model=64, n_head=4, n_kv_head=2)
-    ref, model = gpt.Model(gpt.Config(**config, kernel="torch")), gpt.Model(gpt.Config(**config, kernel="triton"))
+    ref = gpt.Model(gpt.Config(**config, kernel="torch"))
+    model = gpt.Model(gpt.Config(**config, kernel="triton"))
     model.load_state_dict(ref.state_dict())
     return model, ref
 

@@ -1,5 +1,5 @@
-"""Mamba-1: the selective scan's torch path equals the plain time loop, the Triton kernels equal the torch path
-(forward and every gradient), known answers, long sequences, and the initialisation. The model contract
+"""Mamba-1: the selective scan's torch path equals the plain time loop, the Triton kernels equal the torch
+path (forward and every gradient), known answers, long sequences, and the initialisation. The model contract
 (causality, step == forward, prefill, loss falls, the Triton model) is checked in test_models.py."""
 import math
 
@@ -28,7 +28,8 @@ def inputs(b=2, T=37, Di=24, N=16, dtype=torch.float32, seed=0):
 
 
 def run(scan, args, seed=1):
-    """y, the last state and the gradients of all eight inputs for a fixed random projection of (y, h_last)."""
+    """y, the last state and the gradients of all eight inputs, for a fixed random projection of
+    (y, h_last)."""
     args = [a.detach().clone().requires_grad_() for a in args]
     y, h = scan(*args)
     g = seeded(seed)
@@ -43,28 +44,29 @@ def assert_all_close(got, want, rtol, atol):
         torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 64])  # 64 > T: one chunk
-def test_torch_scan_matches_time_loop(mamba, chunk):
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])  # 64 > T: one chunk
+def test_torch_scan_matches_time_loop(mamba, chunk_size):
     args = inputs()
     want = run(mamba.selective_scan_ref, [a.double() for a in args])  # the oracle, in fp64
-    got = run(lambda *a: mamba.selective_scan(*a, kernel="torch", chunk=chunk), args)
+    got = run(lambda *a: mamba.selective_scan(*a, kernel="torch", chunk_size=chunk_size), args)
     assert_all_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("T, Di, N, chunk", [(21, 40, 16, 4),  # Di not a multiple of BLOCK_D, T of chunk
-                                             (21, 24, 5, 16),  # N not a power of two
-                                             (7, 24, 16, 1),
-                                             (9, 300, 16, 4)])  # two channel blocks of 256 under the interpreter
-def test_triton_scan_matches_torch(mamba, T, Di, N, chunk):
+@pytest.mark.parametrize("T, Di, N, chunk_size",
+                         [(21, 40, 16, 4),  # Di not a multiple of BLOCK_D, T of chunk_size
+                          (21, 24, 5, 16),  # N not a power of two
+                          (7, 24, 16, 1),
+                          (9, 300, 16, 4)])  # two channel blocks of 256 under the interpreter
+def test_triton_scan_matches_torch(mamba, T, Di, N, chunk_size):
     args = inputs(T=T, Di=Di, N=N)
     want = run(lambda *a: mamba.selective_scan(*a, kernel="torch"), args)
-    got = run(lambda *a: mamba.selective_scan(*a, kernel="triton", chunk=chunk), args)
+    got = run(lambda *a: mamba.selective_scan(*a, kernel="triton", chunk_size=chunk_size), args)
     assert_all_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_triton_scan_without_gate_and_initial_state(mamba):
     x, dt, A, B, C, D, _, _ = inputs(T=19)
-    scan = lambda kernel: lambda *a: mamba.selective_scan(*a, kernel=kernel, chunk=8)  # noqa: E731
+    scan = lambda kernel: lambda *a: mamba.selective_scan(*a, kernel=kernel, chunk_size=8)  # noqa: E731
     want = run(scan("torch"), [x, dt, A, B, C, D])
     got = run(scan("triton"), [x, dt, A, B, C, D])
     assert_all_close(got, want, rtol=1e-4, atol=1e-4)  # y, h_last, dx, ddt, dA, dB, dC, dD
@@ -77,7 +79,7 @@ def test_bf16_inputs(mamba, kernel):
     x, dt, A, B, C, D, z, h0 = args
     low = [x.bfloat16(), dt.bfloat16(), A, B.bfloat16(), C.bfloat16(), D, z.bfloat16(), h0]
     want = run(mamba.selective_scan_ref, [a.double() for a in low])
-    got = run(lambda *a: mamba.selective_scan(*a, kernel=kernel, chunk=8), low)
+    got = run(lambda *a: mamba.selective_scan(*a, kernel=kernel, chunk_size=8), low)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert_all_close(got, want, rtol=2e-2, atol=2e-2)
 
@@ -101,7 +103,7 @@ def test_impulse_response_decays_as_exp_dt_A(mamba, kernel):
     x[:, 0] = 1
     A = -torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 0.4], [5.0, 1.0, 0.5, 0.0]])
     y, _ = mamba.selective_scan(x, torch.full((1, T, Di), dt0), A, torch.ones(1, T, N), torch.ones(1, T, N),
-                                torch.zeros(Di), kernel=kernel, chunk=5)
+                                torch.zeros(Di), kernel=kernel, chunk_size=5)
     t = torch.arange(T, dtype=torch.float32)[:, None, None]
     torch.testing.assert_close(y[0], dt0 * torch.exp(t * dt0 * A).sum(-1), rtol=1e-5, atol=1e-6)
 
@@ -110,8 +112,10 @@ def test_long_sequence_stays_finite(mamba):
     """64k steps on the torch training path, with steps that forget at once and steps that barely move."""
     T, Di, N = 65536, 4, 4
     g = seeded(0)
-    x, B, C = torch.randn(1, T, Di, generator=g), torch.randn(1, T, N, generator=g), torch.randn(1, T, N, generator=g)
-    dt = torch.where(torch.rand(1, T, Di, generator=g) < 0.5, 1e-4, 50.0)  # a huge dt * |A|: exp underflows to 0
+    x = torch.randn(1, T, Di, generator=g)
+    B, C = torch.randn(1, T, N, generator=g), torch.randn(1, T, N, generator=g)
+    # a huge dt * |A|: exp underflows to 0
+    dt = torch.where(torch.rand(1, T, Di, generator=g) < 0.5, 1e-4, 50.0)
     A = -torch.tensor([1.0, 16.0, 1e-3, 100.0]).repeat(Di, 1)
     y, h = mamba.selective_scan(x, dt, A, B, C, torch.ones(Di))
     assert torch.isfinite(y).all() and torch.isfinite(h).all()

@@ -1,10 +1,14 @@
 """The model contract (../shared/DESIGN.md), checked the same way on every model file."""
 import math
+import sys
 
 import pytest
 import torch
 
-from conftest import MODELS
+from conftest import DEVICE, MODELS, ROOT
+
+sys.path.insert(0, ROOT)  # bench.py (and the train.py it imports) from the repository
+import bench  # noqa: E402
 
 V, T = 50, 32  # a small vocabulary and context for every model
 
@@ -47,7 +51,8 @@ def test_forward_shapes_and_initial_loss(mod):
     assert loss.shape == () and torch.isfinite(loss)
     assert abs(loss.item() - math.log(V)) < 0.5, "a fresh model should predict close to uniform"
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
 
 
 def test_ignore_index(mod):
@@ -56,7 +61,8 @@ def test_ignore_index(mod):
     targets = idx.clone()
     targets[:, : T // 2] = -1  # positions the loss must skip
     logits, loss = model(idx, targets)
-    expected = torch.nn.functional.cross_entropy(logits[:, T // 2:].reshape(-1, V), idx[:, T // 2:].reshape(-1))
+    kept = slice(T // 2, None)
+    expected = torch.nn.functional.cross_entropy(logits[:, kept].reshape(-1, V), idx[:, kept].reshape(-1))
     torch.testing.assert_close(loss, expected)
 
 
@@ -143,6 +149,17 @@ def test_flops_per_token(mod):
     estimate = model.flops_per_token(T)
     assert 0.7 * measured <= estimate <= 1.5 * measured, (estimate, measured)
     assert model.flops_per_token(2 * T) >= estimate
+
+
+def test_core_rejects_an_unknown_kernel(mod):
+    """Every core (called as bench.py's kernels table calls it) refuses a kernel it does not have, the same
+    way: a ValueError that names the kernels it takes."""
+    cores = [(fn, case) for file, fn, _, case in bench.CORES.values() if mod.__name__.endswith(file)]
+    assert cores, f"bench.CORES has no entry for {mod.__name__}"
+    for fn, case in cores:
+        call, _, _ = case(getattr(mod, fn), 1, 16, 64, torch.device(DEVICE), torch.float32)
+        with pytest.raises(ValueError, match="kernel must be 'torch'.* or 'triton', not 'cuda'"):
+            call("cuda")
 
 
 def test_triton_needs_interpreter_or_gpu(mod, monkeypatch):

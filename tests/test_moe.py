@@ -43,7 +43,7 @@ CASES = [(90, 2, 6, 24, 20), (7, 3, 4, 16, 40), (33, 1, 3, 40, 16)]  # (N, k, E,
 def test_experts_torch_matches_loop(moe, N, k, E, d, h):
     args = routed(N, k, E, d, h, torch.float64)
     assert args[1].flatten().bincount(minlength=E)[E - 2] == 0  # an idle expert is part of the test
-    want = value_and_grads(moe.experts_loop, *args)
+    want = value_and_grads(moe.experts_ref, *args)
     got = value_and_grads(lambda *a: moe.experts(*a, kernel="torch"), *args)
     for name, a, b in zip(["y", "dx", "dgates", "dw_fc", "dw_proj"], got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")  # fp64
@@ -63,7 +63,8 @@ def test_block_schedule_covers_each_row_once(moe):
     counts = torch.tensor([0, 130, 1, 0, 64, 5])
     offsets = F.pad(counts.cumsum(0), (1, 0))
     expert, start = moe.block_schedule(offsets, int(counts.sum()))
-    rows = [r for e, s in zip(expert.tolist(), start.tolist()) for r in range(s, min(s + moe.BLOCK_M, offsets[e + 1]))]
+    rows = [r for e, s in zip(expert.tolist(), start.tolist())
+            for r in range(s, min(s + moe.BLOCK_M, offsets[e + 1]))]
     assert sorted(rows) == list(range(int(counts.sum())))
     for e, s in zip(expert.tolist(), start.tolist()):
         if s < offsets[e + 1]:  # a block with rows: they are its own expert's
@@ -76,7 +77,8 @@ def test_load_balancing_loss_hand_values(moe):
     round_robin = torch.arange(N * 2).view(N, 2) % E  # every expert gets N*2/E slots
     assert moe.load_balancing_loss(uniform, round_robin).item() == pytest.approx(1.0)  # balanced: 1
     collapsed = F.softmax(torch.tensor([20.0, 0, 0, 0]).expand(N, E), dim=-1)
-    assert moe.load_balancing_loss(collapsed, torch.zeros(N, 1, dtype=torch.long)).item() == pytest.approx(E, rel=1e-6)
+    assert moe.load_balancing_loss(collapsed, torch.zeros(N, 1, dtype=torch.long)).item() == pytest.approx(
+        E, rel=1e-6)
     # E=2: f = (1, 0), P = ((0.75 + 0.5) / 2, (0.25 + 0.5) / 2), so 2 * (1 * 0.625 + 0 * 0.375) = 1.25
     probs = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
     assert moe.load_balancing_loss(probs, torch.tensor([[0], [0]])).item() == pytest.approx(1.25)
@@ -99,18 +101,18 @@ def test_router_gates(moe, router):
     """Softmax: the top-k of softmax(u), renormalised (Mixtral's softmax over the chosen logits). Sigmoid: the
     bias picks the experts, the unbiased scores weigh them."""
     layer = tiny(moe, router=router).blocks[0].moe
-    layer.bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))  # expert 1 always picked by the sigmoid router
+    layer.selection_bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))  # the sigmoid router always picks expert 1
     x = torch.randn(1, 9, 32)
     u = x[0] @ layer.router.weight.T  # (9, E)
     if router == "softmax":
         top = u.topk(2, dim=-1)
         ids, gates = top.indices, F.softmax(top.values, dim=-1)
     else:
-        ids = (torch.sigmoid(u) + layer.bias).topk(2, dim=-1).indices
+        ids = (torch.sigmoid(u) + layer.selection_bias).topk(2, dim=-1).indices
         assert (ids == 1).any(-1).all()
         s = torch.sigmoid(u).gather(1, ids)
         gates = s / s.sum(-1, keepdim=True)
-    want = moe.experts_loop(x[0], ids, gates, (layer.c_fc, layer.c_proj))
+    want = moe.experts_ref(x[0], ids, gates, (layer.c_fc, layer.c_proj))
     torch.testing.assert_close(layer(x)[0], want, rtol=1e-5, atol=1e-6)
 
 
@@ -140,7 +142,7 @@ def test_router_losses_enter_training_loss_only(moe):
     torch.testing.assert_close(loss, ce + 0.5 * m["aux_loss"] + 0.1 * m["z_loss"])
     assert 0.5 < m["aux_loss"] < 4 and m["z_loss"] > 0
     loads = [m[f"expert_load[{i}]"] for i in range(2)]
-    assert all(len(l) == 4 and sum(l) == pytest.approx(1.0) for l in loads)
+    assert all(len(load) == 4 and sum(load) == pytest.approx(1.0) for load in loads)
     model.eval()
     logits, loss = model(idx, idx)
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 50), idx.view(-1)))
@@ -149,12 +151,12 @@ def test_router_losses_enter_training_loss_only(moe):
 def test_aux_free_bias_moves_against_the_load(moe):
     model = tiny(moe, router="sigmoid", bias_gamma=0.01)
     for block in model.blocks:
-        block.moe.bias[2] = 5.0  # expert 2 gets every token: overloaded
+        block.moe.selection_bias[2] = 5.0  # expert 2 gets every token: overloaded
     idx = torch.randint(50, (2, 16))
     model.eval()
     model(idx)
     model.after_step()  # evaluation forwards are not counted: nothing moves
-    assert all(b.moe.bias.tolist() == [0, 0, 5, 0] for b in model.blocks)
+    assert all(b.moe.selection_bias.tolist() == [0, 0, 5, 0] for b in model.blocks)
     model.train()
     model(idx)
     loads = model.metrics()
@@ -162,10 +164,11 @@ def test_aux_free_bias_moves_against_the_load(moe):
     for i, block in enumerate(model.blocks):
         load = torch.tensor(loads[f"expert_load[{i}]"])
         assert load[2] == 0.5  # top-2: every token's first pick
-        want = torch.tensor([0.0, 0, 5, 0]) + 0.01 * torch.sign(1 / 4 - load)  # above the mean load down, below up
-        torch.testing.assert_close(block.moe.bias, want)
-        assert block.moe.bias[2] < 5 and block.moe.load.sum() == 0  # the counts start again
+        # above the mean load down, below up
+        want = torch.tensor([0.0, 0, 5, 0]) + 0.01 * torch.sign(1 / 4 - load)
+        torch.testing.assert_close(block.moe.selection_bias, want)
+        assert block.moe.selection_bias[2] < 5 and block.moe.load.sum() == 0  # the counts start again
     softmax = tiny(moe)
     softmax(idx)
     softmax.after_step()
-    assert all((b.moe.bias == 0).all() for b in softmax.blocks)  # the softmax router has no bias to move
+    assert all((b.moe.selection_bias == 0).all() for b in softmax.blocks)  # the softmax router's never moves

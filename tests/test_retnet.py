@@ -27,7 +27,7 @@ def rel_err(a, b):
 def test_three_forms_agree(retnet, chunk_size):
     q, k, v, gamma = inputs()
     parallel = retnet.retention_parallel(q, k, v, gamma)
-    recurrent, S_rec = retnet.retention_recurrent(q, k, v, gamma)
+    recurrent, S_rec = retnet.retention_ref(q, k, v, gamma)
     chunkwise, S_chunk = retnet.retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size)
     torch.testing.assert_close(recurrent, parallel, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chunkwise, parallel, rtol=1e-12, atol=1e-12)
@@ -41,17 +41,19 @@ def test_chunk_states_equal_recurrent_states(retnet):
     S0 = torch.randn(2, 3, 16, 32, dtype=torch.float64)
     C = 16
     for n in (C, 2 * C):
-        _, S_rec = retnet.retention_recurrent(q[:, :, :n], k[:, :, :n], v[:, :, :n], gamma, S0)
-        _, S_chunk = retnet.retention_chunkwise(q[:, :, :n], k[:, :, :n], v[:, :, :n], gamma, S0, chunk_size=C)
+        _, S_rec = retnet.retention_ref(q[:, :, :n], k[:, :, :n], v[:, :, :n], gamma, S0)
+        _, S_chunk = retnet.retention_chunkwise(q[:, :, :n], k[:, :, :n], v[:, :, :n], gamma, S0,
+                                                chunk_size=C)
         torch.testing.assert_close(S_chunk, S_rec, rtol=1e-12, atol=1e-12)
-    h, _ = retnet._states(k.float(), v.float(), torch.log2(gamma.float()), S0.float(), C)  # (B, H, NT, dk, dv)
+    # (B, H, n_chunks, dk, dv)
+    h, _ = retnet.chunk_states(k.float(), v.float(), torch.log2(gamma.float()), S0.float(), C)
     assert h.size(2) == 3 and rel_err(h[:, :, 0], S0) < 1e-6
     for i in (1, 2):
-        _, S_rec = retnet.retention_recurrent(q[:, :, :i * C], k[:, :, :i * C], v[:, :, :i * C], gamma, S0)
+        _, S_rec = retnet.retention_ref(q[:, :, :i * C], k[:, :, :i * C], v[:, :, :i * C], gamma, S0)
         assert rel_err(h[:, :, i], S_rec) < 1e-5, f"state entering chunk {i}"
 
 
-@pytest.mark.parametrize("form", ["recurrent", "chunkwise"])
+@pytest.mark.parametrize("form", ["ref", "chunkwise"])  # ref: the recurrent form
 def test_two_calls_with_carried_state_equal_one_call(retnet, form):
     q, k, v, gamma = inputs()
     f = getattr(retnet, f"retention_{form}")
@@ -72,7 +74,7 @@ def test_triton_matches_torch(retnet, T, dk, dv):
     do, dS = torch.randn_like(v), torch.randn_like(S0)
     ref = [t.clone().requires_grad_() for t in (q, k, v, S0)]
     tri = [t.float().requires_grad_() for t in (q, k, v, S0)]
-    o_ref, S_ref = retnet.retention_recurrent(*ref[:3], gamma, ref[3])
+    o_ref, S_ref = retnet.retention_ref(*ref[:3], gamma, ref[3])
     o_tri, S_tri = retnet.retention(*tri[:3], gamma.float(), tri[3], kernel="triton", chunk_size=16)
     assert rel_err(o_tri, o_ref) < 1e-5 and rel_err(S_tri, S_ref) < 1e-5
     ((o_ref * do).sum() + (S_ref * dS).sum()).backward()
@@ -103,7 +105,8 @@ def test_rotary_scores_depend_only_on_distance(retnet):
     theta = 10000.0
 
     def score(n, m):  # q rotated to position n, k to position m
-        rq, rk = retnet.rope_angles(torch.tensor([n]), 16, theta), retnet.rope_angles(torch.tensor([m]), 16, theta)
+        rq = retnet.rope_angles(torch.tensor([n]), 16, theta)
+        rk = retnet.rope_angles(torch.tensor([m]), 16, theta)
         return (retnet.apply_rope(q, rq) * retnet.apply_rope(k, rk)).sum().item()
 
     for n, m in [(5, 2), (9, 9), (30, 1)]:

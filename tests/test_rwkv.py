@@ -49,7 +49,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("T", [1, 37, 65, 150])  # one chunk, a padded pair (2 x 33), three chunks of 50
 def test_chunked_equals_loop_fp64(rwkv, T):
     args = inputs(B=1, T=T, N=8)
-    ref = run(rwkv.wkv7_loop, args)
+    ref = run(rwkv.wkv7_ref, args)
     for name, a, b in zip(NAMES, run(rwkv.wkv7_chunked, args), ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
@@ -58,7 +58,7 @@ def test_chunked_equals_loop_fp64(rwkv, T):
 def test_chunked_from_empty_state(rwkv, T):
     r, w, k, v, a, b, _ = inputs(B=1, T=T, N=8)
     y, s = rwkv.wkv7_chunked(r, w, k, v, a, b)
-    y_ref, s_ref = rwkv.wkv7_loop(r, w, k, v, a, b, torch.zeros_like(s))
+    y_ref, s_ref = rwkv.wkv7_ref(r, w, k, v, a, b, torch.zeros_like(s))
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
 
@@ -67,7 +67,7 @@ def test_triton_kernels_exact_in_fp64(rwkv):
     """The kernels' math, free of fp32 rounding: in fp64 the backward's undoing of steps is exact too.
     T = 37 is not a multiple of the checkpoint interval."""
     args = inputs(T=37)
-    ref = run(rwkv.wkv7_loop, args)
+    ref = run(rwkv.wkv7_ref, args)
     for name, a, b in zip(NAMES, run(rwkv.WKV7Triton.apply, args), ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
@@ -80,7 +80,7 @@ def test_wkv7_fp32_against_fp64_loop(rwkv, kernel, w_range):
     rounding by up to 1/0.545^15 ~ 9e3, so dr, dw, da get < 1e-3 there (about 1e-4 measured; the official
     kernel makes the same trade)."""
     args = inputs(T=37, w_range=w_range)
-    ref = run(rwkv.wkv7_loop, args)
+    ref = run(rwkv.wkv7_ref, args)
     got = run(lambda *x: rwkv.wkv7(*x, kernel=kernel), [x.float() for x in args])
     for name, a, b in zip(NAMES, got, ref):
         tol = 1e-3 if kernel == "triton" and w_range[1] < 0.6 and name in ("dr", "dw", "da") else 1e-5
@@ -203,12 +203,14 @@ def test_initialisation_table(rwkv):
         assert (att.k_a == 1.02).all() and (att.r_k == -0.04).all() and att.r_k.shape == (C // N, N)
         if i > 0:
             close(att.v0, 0.73 - 0.4 * linear)
-        for A, B in [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)] + ([(att.v1, att.v2)] if i else []):
+        pairs = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)] + ([(att.v1, att.v2)] if i else [])
+        for A, B in pairs:
             assert (A == 0).all()
             close(B @ B.T, 0.01 * torch.eye(B.size(0)), atol=1e-5, rtol=0)  # orthogonal rows, gain 0.1
         for lin, gain in [(att.receptance, 1.0), (att.key, 0.1), (att.value, 1.0)]:
             close(lin.weight @ lin.weight.T, gain ** 2 * torch.eye(C), atol=1e-5, rtol=0)
-        close(ffn.key.weight.T @ ffn.key.weight, torch.eye(C), atol=1e-5, rtol=0)  # (4C, C): orthonormal columns
+        # (4C, C): orthonormal columns
+        close(ffn.key.weight.T @ ffn.key.weight, torch.eye(C), atol=1e-5, rtol=0)
         assert (att.output.weight == 0).all() and (ffn.value.weight == 0).all()
         assert (att.ln_x.weight == ((1 + i) / L) ** 0.7).all() and (att.ln_x.bias == 0).all()
         assert att.ln_x.eps == 64e-5 and att.ln_x.num_groups == C // N
