@@ -9,7 +9,6 @@ GPT-2 split pattern and <|endoftext|> = 50256. "Hello world" is [15496, 995] eit
 Writes train.bin, val.bin (uint16) and meta.pkl ({"vocab_size": 50257, "tokenizer": "gpt2"}).
 """
 import base64
-import glob
 import hashlib
 import importlib.util
 import os
@@ -42,7 +41,8 @@ def gpt2_encoding():
         pass
     ranks_path = os.path.join(HERE, "gpt2.tiktoken")
     if not os.path.exists(ranks_path):
-        print(f"tiktoken could not download GPT-2's files; taking them from {WHISPER} on the package index...")
+        print(f"tiktoken could not download GPT-2's files; taking them from {WHISPER} on the package "
+              f"index...")
         with tempfile.TemporaryDirectory() as tmp:
             sdist = load_char_prepare().pip_download_sdist(WHISPER, tmp)
             with open(sdist, "rb") as f:

