@@ -40,9 +40,10 @@ import torch.nn.functional as F
 
 from train import (MODELS, ROOT, UsageError, autocast_for, build_model, configure_optimizer, default_settings,
                    estimate_loss, get_batch, get_lr, load_dataset, load_model_module, peak_flops, pick_device,
-                   pick_dtype, str2bool, vocab_size_for)
+                   pick_dtype, pick_threads, str2bool, thread_counts, train_step, vocab_size_for)
 
-PARTS = ("kernels", "train", "generate", "compare", "mqar")
+PARTS = ("kernels", "train", "generate", "compare", "mqar", "threads")  # "all": the first five
+cores = torch.get_num_threads()  # torch's default, one per core: what each part returns to
 GPT2_SMALL = ("d_model=768,n_layer=12,n_head=12,n_kv_head=12,mlp_hidden=2048,ffn_hidden=1536,"
               "expert_hidden=1024,block_size=1024,vocab_size=50304")  # each model takes the fields it has
 
@@ -57,7 +58,8 @@ SETTINGS = {
     "warmup": (2, 3, 1, "kernels, train: untimed runs first"),
     "repeats": (5, 10, 2, "kernels, train: timed runs (the median is reported)"),
     "model_kernel": ("torch", "triton", "torch", "generate, compare, mqar: the kernel every model runs"),
-    "size": ("", GPT2_SMALL, "n_layer=1,d_model=64,block_size=16", "train, generate: Config fields, k=v,..."),
+    "size": ("", GPT2_SMALL, "n_layer=1,d_model=64,block_size=16",
+             "train, generate, threads: Config fields, k=v,..."),
     "batch_size": (12, 16, 2, "train, compare: sequences per step"),
     "contexts": ([128, 512, 2048, 8192], [1024, 4096, 16384, 32768], [16, 48], "generate: context lengths"),
     "gen_steps": (16, 32, 3, "generate: decoding steps timed at each context"),
@@ -84,6 +86,9 @@ SETTINGS = {
     "mqar_lrs": ([1e-3], [1e-3, 1e-2], [1e-3], "mqar: learning rates tried; the best is reported (in the "
                  "README's longer CPU runs mamba learned recall at 1e-2 only)"),
     "mqar_test": (256, 1000, 16, "mqar: held-out examples per (L, K)"),
+    "threads_models": (["gpt", "mamba"], ["gpt", "mamba"], ["gpt"], "threads: the models train.py trains"),
+    "threads_iters": (300, 300, 12, "threads: iterations of each timed train.py run"),
+    "threads_rounds": (2, 2, 1, "threads: interleaved rounds of every setting (the median is reported)"),
 }
 
 
@@ -137,24 +142,6 @@ def tensors(state):
     elif isinstance(state, (list, tuple, dict)):
         for s in state.values() if isinstance(state, dict) else state:
             yield from tensors(s)
-
-
-def train_step(model, optimizer, x, y, autocast, lr=None, grad_clip=1.0):
-    """One AdamW step as train.py's loop takes it (clip, step, the model's after_step hook); returns the loss
-    tensor. The optimizer comes from train.py's configure_optimizer."""
-    if lr is not None:
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-    with autocast:
-        _, loss = model(x, y)
-    loss.backward()
-    foreach = x.device.type in ("cpu", "cuda")  # as train.py: one fused pass over the gradients
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=foreach)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if hasattr(model, "after_step"):
-        model.after_step()
-    return loss
 
 
 def build(module, config, device):
@@ -414,9 +401,14 @@ def bench_train(s, models, device, dtype):
             optimizer = configure_optimizer(model, default_settings(), device)
             row = {"model": name, "kernel": kernel, "params": sum(p.numel() for p in model.parameters()),
                    "config": dataclasses.asdict(c), "batch_size": B}
-            try:
-                sec, peak, _ = time_call(lambda: train_step(model, optimizer, x, y, autocast), device,
-                                         s["warmup"], s["repeats"])
+            try:  # on a CPU at each thread count train.py may pick (thread_counts), keeping the fastest
+                timed = []
+                for n in thread_counts() if device.type == "cpu" else [None]:
+                    if n is not None:
+                        torch.set_num_threads(n)
+                    step = lambda: train_step(model, optimizer, x, y, autocast)
+                    timed.append((*time_call(step, device, s["warmup"], s["repeats"])[:2], n))
+                sec, peak, row["threads"] = min(timed, key=lambda t: t[0])
             except Exception as e:
                 row["error"] = failure(e)
                 print(f"{name} {kernel}: {row['error']}")
@@ -425,6 +417,8 @@ def bench_train(s, models, device, dtype):
                 peak_f = peak_flops(device)
                 row.update({"ms/iter": 1e3 * sec, "tokens/s": B * c.block_size / sec, "TFLOP/s": flops / 1e12,
                             "mfu": flops / peak_f if peak_f else None, "peak_MB": peak})
+            finally:
+                torch.set_num_threads(cores)
             table.row(row)
             rows.append(row)
             model = optimizer = None  # free it before the next one is built
@@ -550,6 +544,9 @@ def bench_compare(s, models, device, dtype):
         sched = schedule(s["learning_rate"], steps)
         optimizer = configure_optimizer(model, sched, device)
         batches = torch.Generator().manual_seed(s["seed"])  # the same batches for every model
+        probe = get_batch(folder, "train", B, T, torch.Generator().manual_seed(0), device)
+        check = lambda: train_step(model, optimizer, *probe, autocast)
+        picker = pick_threads(0, device, model, optimizer, check, print)  # as train.py's
         curve, it, seconds = [], 0, 0.0
         while True:
             done = seconds >= s["seconds"] if s["seconds"] > 0 else it >= s["iters"]
@@ -562,10 +559,15 @@ def bench_compare(s, models, device, dtype):
             lr = get_lr(it if s["seconds"] <= 0 else round(steps * seconds / s["seconds"]), sched)
             curve[-1].setdefault("lr", lr)  # the learning rate of the first step after each evaluation
             x, y = get_batch(folder, "train", B, T, batches, device)
-            train_step(model, optimizer, x, y, autocast, lr)
+            if picker:
+                picker.before_step(it)
+            train_step(model, optimizer, x, y, autocast, lr=lr)
             sync(device)
+            if picker:
+                picker.after_step(it, time.perf_counter() - t0)
             seconds += time.perf_counter() - t0  # training time only: evaluation is not counted
             it += 1
+        torch.set_num_threads(cores)
         row = {"model": name, "d_model": config["d_model"], "params": params, "iters": it,
                "tokens": it * B * T, "seconds": seconds, "tokens/s": it * B * T / seconds,
                "val_loss": curve[-1]["val_loss"],
@@ -642,9 +644,18 @@ def train_mqar(module, L, K, vocab_size, steps, batch_size, lr, device, dtype=to
     sched = schedule(lr, steps, weight_decay=0.1, beta2=0.98)
     optimizer = configure_optimizer(model, sched, device)
     gen = torch.Generator().manual_seed(seed)
+    probe = [t.to(device) for t in mqar(batch_size, L, K, vocab_size, torch.Generator().manual_seed(1))]
+    check = lambda: train_step(model, optimizer, *probe, autocast)
+    picker = pick_threads(0, device, model, optimizer, check, lambda *a: None)  # as train.py's, quietly
     for it in range(steps):
         x, y = mqar(batch_size, L, K, vocab_size, gen)
-        loss = train_step(model, optimizer, x.to(device), y.to(device), autocast, get_lr(it, sched))
+        if picker:
+            picker.before_step(it)
+        t0 = time.perf_counter()
+        loss = train_step(model, optimizer, x.to(device), y.to(device), autocast, lr=get_lr(it, sched))
+        if picker:
+            picker.after_step(it, time.perf_counter() - t0)
+    torch.set_num_threads(cores)
     x, y = mqar(n_test, L, K, vocab_size, torch.Generator().manual_seed(1234))  # the same test set for all
     with torch.no_grad(), autocast:
         state = model.prefill(x[:1].to(device))[1]
@@ -708,11 +719,119 @@ def plot_mqar(plt, rows):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 5. threads: train.py's thread picker against fixed thread counts, on an idle CPU and with one core kept
+# busy by another process (as a browser or a video call keeps one), interleaved; then a run during which
+# that load starts and stops
+
+
+def spinner():
+    """Another program that keeps one core busy."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def train_command(model, iters, threads, out_dir, size):
+    """python train.py for `iters` iterations at `threads` (0: picked), its Config fields from `size`."""
+    log_every = max(1, iters // 10)
+    fields_ = [f"--{k}={v}" for k, v in fields(load_model_module(model), size).items()]
+    return [sys.executable, "-u", os.path.join(ROOT, "train.py"), "--model", model, "--max_iters", str(iters),
+            "--eval_interval", str(iters), "--eval_iters", "1", "--log_interval", str(log_every),
+            "--sample_tokens", "0", "--threads", str(threads), "--out_dir", out_dir, *fields_]
+
+
+def logged_speed(out_dir, first=0, last=math.inf):
+    """Median training tokens/s of train.py's logged windows ending in (first, last], the first left out
+    (it holds the start-up)."""
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    rows = [r for r in rows if "tokens_per_sec" in r][1:]
+    return statistics.median(r["tokens_per_sec"] for r in rows if first < r["iter"] <= last)
+
+
+def bench_threads(s, models, device, dtype):
+    if device.type != "cpu":
+        print("threads: a CPU part (on a GPU train.py leaves the threads alone); skipped")
+        return []
+    import tempfile
+    counts = thread_counts()
+    table = Table([("model", "", 6), ("load", "", 14), ("threads", "", 7), ("tokens/s", ",.0f", 9),
+                   ("vs_best_fixed", ".2f", 13), ("vs_default", ".2f", 10)])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        n_run = iter(range(10**6))
+
+        def timed(model, threads):
+            out = os.path.join(tmp, str(next(n_run)))
+            subprocess.run(train_command(model, s["threads_iters"], threads, out, s["size"]), cwd=ROOT,
+                           check=True, capture_output=True)
+            return logged_speed(out)
+
+        for model in s["threads_models"]:
+            for load in ("idle", "one core busy"):
+                other = spinner() if load != "idle" else None
+                try:  # each setting once per round, in turn: a drift in the machine hits them all alike
+                    speeds = {n: [] for n in ["picked"] + counts}
+                    for _ in range(s["threads_rounds"]):
+                        for n in speeds:
+                            speeds[n].append(timed(model, 0 if n == "picked" else n))
+                finally:
+                    if other:
+                        other.kill()
+                median = {n: statistics.median(v) for n, v in speeds.items()}
+                best = max(median[n] for n in counts)
+                for n, v in speeds.items():
+                    row = {"model": model, "load": load, "threads": str(n), "tokens/s": median[n], "runs": v}
+                    if n == "picked":
+                        row["vs_best_fixed"] = median[n] / best
+                        row["vs_default"] = median[n] / median[counts[0]]
+                    table.row(row)
+                    rows.append(row)
+
+            # the load comes and goes: one core kept busy from the first third of a run to the second
+            out, n = os.path.join(tmp, "changing"), s["threads_iters"]
+            p = subprocess.Popen(train_command(model, 3 * n, 0, out, s["size"]), cwd=ROOT,
+                                 stdout=subprocess.PIPE, text=True)
+            other, switches = None, []
+            for line in p.stdout:
+                if line.startswith("threads:"):
+                    switches.append(line.strip())
+                it = int(line.split()[1].rstrip(":")) if line.startswith("iter ") else 0
+                if other is None and n <= it < 2 * n:
+                    other = spinner()
+                    switches.append(f"(load starts at iteration {it})")
+                elif other is not None and other.returncode is None and it >= 2 * n:
+                    other.kill()
+                    other.wait()
+                    switches.append(f"(load stops at iteration {it})")
+            p.wait()
+            if other is not None and other.poll() is None:
+                other.kill()
+            thirds = enumerate(("before", "busy", "after"))
+            phases = {k: logged_speed(out, a * n, (a + 1) * n) for a, k in thirds}
+            row = {"model": model, "load": "comes and goes", "threads": "picked", "tokens/s": phases["busy"],
+                   "phases": phases, "switches": switches}
+            table.row(row)
+            print("\n".join(f"    {line}" for line in switches))
+            rows.append(row)
+    return rows
+
+
+def plot_threads(plt, rows):
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    rows = [r for r in rows if r["load"] != "comes and goes"]
+    labels = [f"{r['model']}, {r['load']}, {r['threads']}" for r in rows]
+    colors = ["C1" if r["threads"] == "picked" else "C0" for r in rows]
+    ax.barh(labels, [r["tokens/s"] for r in rows], color=colors)
+    ax.invert_yaxis()
+    ax.set(xlabel="training tokens/s (train.py)", title="thread counts: fixed (blue) and picked (orange)")
+    ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 BENCHES = {"kernels": (bench_kernels, plot_kernels), "train": (bench_train, plot_train),
            "generate": (bench_generate, plot_generate), "compare": (bench_compare, plot_compare),
-           "mqar": (bench_mqar, plot_mqar)}
+           "mqar": (bench_mqar, plot_mqar), "threads": (bench_threads, plot_threads)}
 
 
 def parse_args(argv):
@@ -773,7 +892,7 @@ def main(argv):
         slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     out = args.out or os.path.join("bench_results", slug)
     t_start = time.time()
-    for part in PARTS if args.part == "all" else (args.part,):
+    for part in PARTS[:5] if args.part == "all" else (args.part,):
         print(f"\n=== {part} ({env['device']}, {env['dtype']})")
         t0 = time.time()
         bench, plot = BENCHES[part]

@@ -41,6 +41,7 @@ AttentionTriton, attention_triton); the layers (RMSNorm, RoPE, Attention, MLP, B
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,17 @@ try:
     import triton.language as tl
 except ImportError:  # macOS / Windows: the torch path still works
     triton = None
+
+
+def check_fields(config, sizes=(), floats=()):
+    """Raise one clear line for the first of these Config fields out of range: each size must be a whole
+    number of at least 1, each float a finite number above 0 (NaN is neither)."""
+    for name in sizes:
+        if not getattr(config, name) >= 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in floats:
+        if not 0 < getattr(config, name) < math.inf:
+            raise ValueError(f"{name} must be a positive number, got {getattr(config, name)}")
 
 
 @dataclass
@@ -73,11 +85,15 @@ class Config:
     def __post_init__(self):
         if self.kernel not in ("torch", "sdpa", "triton"):
             raise ValueError(f"kernel must be 'torch', 'sdpa' or 'triton', not {self.kernel!r}")
+        check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model",
+                                 "n_head", "n_kv_head", "mlp_hidden"),
+                     floats=("rope_theta",))
         if self.d_model % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"need d_model % n_head == 0 and n_head % n_kv_head == 0, got "
+            raise ValueError(f"n_head must divide d_model and be a multiple of n_kv_head, got "
                              f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}")
         if (self.d_model // self.n_head) % 2:
-            raise ValueError("the head dimension d_model // n_head must be even for RoPE")
+            raise ValueError(f"n_head must leave an even head dim d_model // n_head for RoPE, got "
+                             f"d_model={self.d_model}, n_head={self.n_head}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -502,12 +518,21 @@ class Model(nn.Module):
         logits, state = self.prefill(token[:, None], state)
         return logits[:, 0], state
 
+    def read_prompt(self, idx):
+        """The next token's logits (B, vocab_size) and the KV cache after the prompt idx (B, T). Attention
+        sees at most block_size tokens: a longer prompt is cropped to its last block_size, as nanoGPT does,
+        with a warning; from there the cache slides."""
+        T = self.config.block_size
+        if idx.size(1) > T:
+            warnings.warn(f"the prompt has {idx.size(1)} tokens; attention reads its last block_size={T}")
+        logits, state = self.prefill(idx[:, -T:])
+        return logits[:, -1], state
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx (B, T): one parallel prefill of the prompt, then one
-        step per new token, so the prompt is never recomputed. temperature=0 picks the most likely token."""
-        logits, state = self.prefill(idx)
-        logits = logits[:, -1]  # (B, vocab_size)
+        """Append max_new_tokens sampled tokens to idx (B, T): the prompt is read once (read_prompt), then
+        one step per new token, so it is never recomputed. temperature=0 picks the most likely token."""
+        logits, state = self.read_prompt(idx)  # (B, vocab_size): the next token's logits
         for i in range(max_new_tokens):
             if i > 0:
                 logits, state = self.step(idx[:, -1], state)

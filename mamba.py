@@ -64,6 +64,18 @@ except ImportError:  # macOS / Windows: the torch path still works
     triton = None
 
 
+# Copied from gpt.py
+def check_fields(config, sizes=(), floats=()):
+    """Raise one clear line for the first of these Config fields out of range: each size must be a whole
+    number of at least 1, each float a finite number above 0 (NaN is neither)."""
+    for name in sizes:
+        if not getattr(config, name) >= 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in floats:
+        if not 0 < getattr(config, name) < math.inf:
+            raise ValueError(f"{name} must be a positive number, got {getattr(config, name)}")
+
+
 @dataclass
 class Config:
     vocab_size: int = 65
@@ -82,10 +94,13 @@ class Config:
     def __post_init__(self):
         if self.kernel not in ("torch", "triton"):
             raise ValueError(f"kernel must be 'torch' or 'triton', not {self.kernel!r}")
-        if min(self.d_state, self.expand, self.d_conv, self.chunk_size) < 1 or self.dt_rank < 0:
-            raise ValueError("d_state, expand, d_conv and chunk_size must be >= 1 and dt_rank >= 0")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model",
+                                 "d_state", "expand", "d_conv", "chunk_size"),
+                     floats=("dt_min", "dt_max"))
+        if self.dt_rank < 0:
+            raise ValueError(f"dt_rank must be 0 (ceil(d_model / 16)) or more, got {self.dt_rank}")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min must be at most dt_max={self.dt_max}, got {self.dt_min}")
         self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
 
 
@@ -564,13 +579,21 @@ class Model(nn.Module):
         logits, state = self.prefill(token[:, None], state)
         return logits[:, 0], state
 
+    def read_prompt(self, idx):
+        """The next token's logits (B, vocab_size) and the state after the prompt idx (B, T), of any length:
+        prefilled block_size tokens at a time, the state carried from piece to piece, so that memory stays
+        that of one block_size prefill."""
+        state = None
+        for piece in idx.split(self.config.block_size, dim=1):
+            logits, state = self.prefill(piece, state)
+        return logits[:, -1], state
+
     # Copied from gpt.py
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx (B, T): one parallel prefill of the prompt, then one
-        step per new token, so the prompt is never recomputed. temperature=0 picks the most likely token."""
-        logits, state = self.prefill(idx)
-        logits = logits[:, -1]  # (B, vocab_size)
+        """Append max_new_tokens sampled tokens to idx (B, T): the prompt is read once (read_prompt), then
+        one step per new token, so it is never recomputed. temperature=0 picks the most likely token."""
+        logits, state = self.read_prompt(idx)  # (B, vocab_size): the next token's logits
         for i in range(max_new_tokens):
             if i > 0:
                 logits, state = self.step(idx[:, -1], state)

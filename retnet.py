@@ -87,6 +87,18 @@ except ImportError:  # macOS / Windows: the torch path still works
     triton = None
 
 
+# Copied from gpt.py
+def check_fields(config, sizes=(), floats=()):
+    """Raise one clear line for the first of these Config fields out of range: each size must be a whole
+    number of at least 1, each float a finite number above 0 (NaN is neither)."""
+    for name in sizes:
+        if not getattr(config, name) >= 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in floats:
+        if not 0 < getattr(config, name) < math.inf:
+            raise ValueError(f"{name} must be a positive number, got {getattr(config, name)}")
+
+
 @dataclass
 class Config:
     vocab_size: int = 65
@@ -103,9 +115,11 @@ class Config:
     def __post_init__(self):
         if self.kernel not in ("torch", "triton"):
             raise ValueError(f"kernel must be 'torch' or 'triton', not {self.kernel!r}")
+        check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model",
+                                 "n_head", "chunk_size", "ffn_hidden"), floats=("rope_theta",))
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"d_model={self.d_model} must split into n_head={self.n_head} heads of even "
-                             f"size (RoPE)")
+            raise ValueError(f"n_head must split d_model into heads of even size (RoPE), got "
+                             f"d_model={self.d_model}, n_head={self.n_head}")
         L = self.chunk_size
         if L < 1 or (self.kernel == "triton" and L not in (16, 32, 64)):
             raise ValueError(f"chunk_size={L} must be >= 1, and 16, 32 or 64 for kernel='triton'")
@@ -576,13 +590,22 @@ class Model(nn.Module):
         logits, state = self.prefill(token[:, None], state)
         return logits[:, 0], state
 
+    # Copied from mamba.py
+    def read_prompt(self, idx):
+        """The next token's logits (B, vocab_size) and the state after the prompt idx (B, T), of any length:
+        prefilled block_size tokens at a time, the state carried from piece to piece, so that memory stays
+        that of one block_size prefill."""
+        state = None
+        for piece in idx.split(self.config.block_size, dim=1):
+            logits, state = self.prefill(piece, state)
+        return logits[:, -1], state
+
     # Copied from gpt.py
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx (B, T): one parallel prefill of the prompt, then one
-        step per new token, so the prompt is never recomputed. temperature=0 picks the most likely token."""
-        logits, state = self.prefill(idx)
-        logits = logits[:, -1]  # (B, vocab_size)
+        """Append max_new_tokens sampled tokens to idx (B, T): the prompt is read once (read_prompt), then
+        one step per new token, so it is never recomputed. temperature=0 picks the most likely token."""
+        logits, state = self.read_prompt(idx)  # (B, vocab_size): the next token's logits
         for i in range(max_new_tokens):
             if i > 0:
                 logits, state = self.step(idx[:, -1], state)

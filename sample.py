@@ -5,20 +5,24 @@ sample.py: generate text from a checkpoint written by train.py, for any model.
     python sample.py --out_dir out/mamba --start FILE:prompt.txt --temperature 0.7 --top_k 50
 
 The checkpoint names its model file and config; the text goes through the model's generate(), which
-prefills the prompt once and then steps one token at a time (a KV cache or a recurrent state).
+prefills the prompt once and then steps one token at a time (a KV cache or a recurrent state). A prompt may
+be of any length: the attention models (gpt, moe) keep its last block_size tokens, as nanoGPT does, and say
+so; the recurrent ones (mamba, rwkv, retnet) read all of it, block_size tokens at a time.
 """
 
 import argparse
+import math
 import os
 import sys
+import warnings
 
 import torch
 
 from train import (Parser, Tokenizer, UsageError, autocast_for, build_model, load_checkpoint,
-                   load_model_module, pick_device, pick_dtype)
+                   load_model_module, memory_bytes, pick_device, pick_dtype)
 
 
-def main(argv):
+def build_parser():
     p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out/gpt", help="the run folder holding ckpt.pt")
@@ -31,12 +35,25 @@ def main(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kernel", default=None, help="override the checkpoint's kernel (torch, triton, ...)")
-    args = p.parse_args(argv)
+    return p
+
+
+def validate(argv):
+    """The door: the flags, the checkpoint, the model's config and the prompt, checked before any model is
+    built. Returns (args, ckpt, module, config, device, dtype, tokenizer, the prompt's token ids)."""
+    args = build_parser().parse_args(argv)
     for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
-    if args.temperature < 0 or args.top_k < 0:
-        raise UsageError("--temperature and --top_k must not be negative")
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.temperature < math.inf:
+        raise UsageError(f"--temperature must be a number from 0 up (0: the most likely token), got "
+                         f"{args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k must be 0 (all tokens) or more, got {args.top_k}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be a whole number from 0 to 2^63 - 1, got {args.seed}")
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
 
     ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
     config = dict(ckpt["model_config"])
@@ -47,10 +64,10 @@ def main(argv):
             print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter (slow)",
                   file=sys.stderr)
     module = load_model_module(ckpt["model_name"])
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    model = build_model(module, config, ckpt["model"]).to(device).eval()
-    tok = Tokenizer(ckpt["meta"])
+    try:
+        module.Config(**config)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--{e}" if str(e).split(" ")[0] in config else f"bad model config: {e}")
 
     start = args.start
     if start.startswith("FILE:"):
@@ -60,16 +77,27 @@ def main(argv):
             raise UsageError(f"cannot read the prompt file {start[5:]!r}: {e.strerror}")
     if not start:
         raise UsageError("the prompt is empty; give --start some text (the default is a newline)")
-    idx = torch.tensor([tok.encode(start)] * args.num_samples, dtype=torch.long, device=device)
+    tok = Tokenizer(ckpt["meta"])
+    ids = tok.encode(start)
+    # the samples, each prompt + new tokens as int64, and the logits of one step, must fit in memory
+    need = args.num_samples * (8 * (len(ids) + args.max_new_tokens) + 4 * config["vocab_size"])
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise UsageError(f"{args.num_samples} samples of {len(ids)} + {args.max_new_tokens} tokens need "
+                         f"more than {need / 2**30:,.0f} GB; {device.type} has {have / 2**30:,.0f} GB: ask "
+                         f"for fewer")
+    return args, ckpt, module, config, device, dtype, tok, ids
 
+
+def main(argv):
+    args, ckpt, module, config, device, dtype, tok, ids = validate(argv)
+    model = build_model(module, config, ckpt["model"]).to(device).eval()
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     torch.manual_seed(args.seed)
-    autocast = autocast_for(device, dtype)
-    try:
-        with torch.no_grad(), autocast:
-            out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k or None)
-    except ValueError as e:  # e.g. a prompt longer than the model's block_size
-        raise UsageError(str(e))
+    # generate() warns once when it crops a long prompt (attention models): one line, as a note
+    warnings.formatwarning = lambda message, *_, **__: f"note: {message}\n"
+    with torch.no_grad(), autocast_for(device, dtype):
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
     for row in out.tolist():
         print(tok.decode(row))
         print("---------------")
@@ -81,3 +109,6 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("sample.py: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -19,12 +19,15 @@ get_lr, estimate_loss, autocast_for).
 """
 
 import argparse
+import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +63,7 @@ SETTINGS = {
     "dtype": ("auto", "auto, float32, bfloat16 or float16 (autocast); auto: bfloat16 on GPUs that have it"),
     "compile": (False, "torch.compile the model"),
     "sample_tokens": (500, "length of the sample written at the end; 0 skips it"),
+    "threads": (0, "CPU threads for torch; 0: picked from the free cores as the run goes (timed probes)"),
 }
 
 
@@ -102,6 +106,7 @@ def add_flag(parser, name, default, help):
         parser.add_argument(f"--{name}", type=kind, default=default, help=help)
 
 
+@functools.lru_cache(maxsize=None)
 def load_model_module(name):
     """Import <name>.py from the repository by path (so `python train.py` works from any directory)."""
     if name not in MODELS or not os.path.exists(os.path.join(ROOT, f"{name}.py")):
@@ -111,6 +116,21 @@ def load_model_module(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def build_parser(module, model_name):
+    """The flags: --model, --resume, the settings, and every field of the model's Config."""
+    parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="gpt", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out_dir from its ckpt.pt")
+    for name, (default, help) in SETTINGS.items():
+        add_flag(parser, name, default, help)
+    model_group = parser.add_argument_group(f"{model_name}.Config (the model)")
+    for f in dataclasses.fields(module.Config):
+        add_flag(model_group, f.name, f.default, "model")
+    return parser
 
 
 def parse_args(argv):
@@ -126,32 +146,42 @@ def parse_args(argv):
         print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter: exact but very slow "
               "(for reading and debugging, not training)")
     module = load_model_module(known.model)
-
-    parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="gpt", help=f"one of {', '.join(MODELS)}")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out_dir from its ckpt.pt")
-    for name, (default, help) in SETTINGS.items():
-        add_flag(parser, name, default, help)
-    model_group = parser.add_argument_group(f"{known.model}.Config (the model)")
-    for f in dataclasses.fields(module.Config):
-        add_flag(model_group, f.name, f.default, "model")
-    args = parser.parse_args(argv)
+    args = build_parser(module, known.model).parse_args(argv)
     given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # exact names: no abbreviations
     return args, given, module
 
 
+# The valid values of the numeric settings: (test, a valid value in words). NaN fails every test.
+CHECKS = {
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
+    "max_iters": (lambda v: v >= 0, "0 or more"),
+    "eval_interval": (lambda v: v >= 1, "at least 1"),
+    "eval_iters": (lambda v: v >= 1, "at least 1"),
+    "log_interval": (lambda v: v >= 1, "at least 1"),
+    "learning_rate": (lambda v: 0 < v < math.inf, "a positive number, e.g. 1e-3"),
+    "min_lr": (lambda v: 0 <= v < math.inf, "a number from 0 up, e.g. 1e-4"),
+    "warmup_iters": (lambda v: v >= 0, "0 or more"),
+    "lr_decay_iters": (lambda v: v >= 0, "0 or more"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a number from 0 up, e.g. 0.1"),
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.99"),
+    "grad_clip": (lambda v: 0 <= v < math.inf, "a number from 0 up (0 disables), e.g. 1.0"),
+    "seed": (lambda v: 0 <= v < 2**63, "a whole number from 0 to 2^63 - 1"),
+    "sample_tokens": (lambda v: v >= 0, "0 or more"),
+    "threads": (lambda v: 0 <= v <= 4096, "0 (pick them as the run goes) or a count, e.g. 2"),
+}
+
+
 def resolve_settings(s):
-    """Fill in the settings whose defaults follow from others (min_lr, lr_decay_iters), and check ranges."""
+    """Check the numeric settings, then fill in those whose defaults follow from others (min_lr,
+    lr_decay_iters)."""
     s = dict(s)
+    for name, (ok, valid) in CHECKS.items():
+        if s[name] is not None and not ok(s[name]):
+            raise UsageError(f"--{name} must be {valid}, got {s[name]}")
     s["min_lr"] = s["learning_rate"] / 10 if s["min_lr"] is None else s["min_lr"]
     s["lr_decay_iters"] = s["max_iters"] if s["lr_decay_iters"] is None else s["lr_decay_iters"]
-    for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if s[k] < 1:
-            raise UsageError(f"--{k} must be at least 1, got {s[k]}")
-    if s["max_iters"] < 0:
-        raise UsageError(f"--max_iters must be at least 0, got {s['max_iters']}")
     return s
 
 
@@ -165,12 +195,15 @@ def read_settings(args, given, module):
     now on top. Returns (settings, model_config, ckpt or None)."""
     settings = {name: getattr(args, name) for name in SETTINGS}
     model_config = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)}
+    if settings["out_dir"] == "":
+        raise UsageError(f"--out_dir is empty; give a folder, e.g. --out_dir out/{args.model}")
     settings["out_dir"] = settings["out_dir"] or os.path.join("out", args.model)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(os.path.join(settings["out_dir"], "ckpt.pt"), model=args.model)
         typed = {k: v for k, v in settings.items() if k in given or k == "out_dir"}
-        settings = {**ckpt["settings"], **typed}
+        # the checkpoint's settings; one newer than the checkpoint takes its default
+        settings = {**default_settings(), **ckpt["settings"], **typed}
         for k in model_config:
             if k in given and k != "kernel" and model_config[k] != ckpt["model_config"][k]:
                 raise UsageError(f"--{k} {model_config[k]} differs from the checkpoint's "
@@ -181,6 +214,77 @@ def read_settings(args, given, module):
         raise UsageError("--kernel triton needs the triton package (Linux only): pip install triton, or use "
                          "--kernel torch")
     return resolve_settings(settings), model_config, ckpt
+
+
+def check_out_dir(out_dir, resume):
+    """Refuse an --out_dir that is a file, cannot be written, or holds a run that a fresh run would
+    overwrite: nothing a user already has is ever overwritten or removed."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out_dir {out_dir} exists and is not a folder; choose another --out_dir "
+                         f"(the file was left as it is)")
+    parent = out_dir
+    while not os.path.exists(parent):  # the nearest folder that exists is where it will be made
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out_dir {out_dir} cannot be written ({parent} is not a writable folder); "
+                         f"choose another --out_dir")
+    if not resume and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        raise UsageError(f"{out_dir} already holds a run (ckpt.pt): --resume continues it; to start over, "
+                         f"choose another --out_dir or delete that folder")
+
+
+def memory_bytes(device):
+    """The device's total memory in bytes (RAM for a CPU), or None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows
+        return None
+
+
+def check_model(module, model_config, s, device):
+    """The model's Config refuses bad fields; a model and batch that cannot fit the device's memory are
+    refused before anything is allocated. The memory counted is a floor, so that a refusal is certain:
+    16 bytes a parameter (fp32 weights, gradients, AdamW's two moments) and 16 fp32 activations per width,
+    layer and token of a micro-batch. First from the contract's fields alone (every layer holds a d_model x
+    d_model matrix at least), then from the parameters of the model built on the meta device (shapes only)."""
+    try:
+        config = module.Config(**model_config)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--{e}" if str(e).split(" ")[0] in model_config else f"bad model config: {e}")
+    have = memory_bytes(device)
+    activations = 64 * s["batch_size"] * config.block_size * config.d_model * config.n_layer
+
+    def refuse_above(need):
+        if have is not None and need > have:
+            raise UsageError(f"this model and batch need more than {need / 2**30:,.0f} GB and {device.type} "
+                             f"has {have / 2**30:,.0f} GB: use a smaller --batch_size, --block_size, "
+                             f"--d_model, --n_layer or the like")
+
+    refuse_above(16 * config.d_model * (config.n_layer * config.d_model + config.vocab_size) + activations)
+    try:
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in module.Model(config).parameters())
+    except (RuntimeError, TypeError, OverflowError) as e:  # sizes whose tensors overflow before they exist
+        raise UsageError(f"this model cannot be built ({str(e).splitlines()[0]}); use smaller sizes")
+    refuse_above(16 * n_params + activations)
+
+
+def validate(argv):
+    """Phase 1, the door: every flag parsed and checked (settings, model config, device, dtype, dataset,
+    --out_dir) before any model, data or folder is touched. Returns (args, given, module, settings,
+    model_config, ckpt, device, dtype); raises UsageError for bad input."""
+    args, given, module = parse_args(argv)
+    s, model_config, ckpt = read_settings(args, given, module)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(s["device"] if not ddp or s["device"] != "auto" else auto)
+    dtype = pick_dtype(s["dtype"], device)
+    find_dataset(s["dataset"])
+    check_out_dir(s["out_dir"], args.resume)
+    check_model(module, model_config, s, device)
+    return args, given, module, s, model_config, ckpt, device, dtype
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,39 +338,138 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def start_device(s):
-    """The process's place in a torchrun (rank, local_rank, world size; (0, 0, 1) alone), its device (a
-    process group joined under DDP) and dtype."""
+def start_device(device):
+    """The process's place in a torchrun (rank, local_rank, world size; (0, 0, 1) alone) and its device:
+    under DDP, its own GPU, and the process group joined."""
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     rank, local_rank, world = 0, 0, 1
     if ddp:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = pick_device(s["device"] if not ddp or s["device"] != "auto" else auto)
-    if ddp:
         import torch.distributed as dist
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         if device.type == "cuda":
             device = torch.device(f"cuda:{local_rank}")
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-    return ddp, rank, local_rank, world, device, pick_dtype(s["dtype"], device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ddp, rank, local_rank, world, device
+
+
+class ThreadPicker:
+    """torch's CPU thread count, picked as the run goes. On a laptop other programs come and go, and one
+    busy core slows every op of an n-thread team to the pace of the thread that shares it (each op ends at
+    a barrier), where n - 1 threads would lose only a share of the speed. So every `every` steps, and at
+    once when steps slow down by half, it times `trials` steps at each candidate count and keeps the
+    fastest (the first step after a switch is not timed: the new team starts up in it).
+
+    PyTorch splits some CPU reductions by thread count (LayerNorm's parameter gradients, index_add_), and
+    their sums then round differently: `candidates` must be only counts that give the same numbers
+    (same_numbers finds them), so that what is chosen never changes the loss curve."""
+
+    def __init__(self, candidates, log, every=200, trials=2):
+        self.candidates, self.log, self.every, self.trials = candidates, log, every, trials
+        self.current = candidates[0]
+        self.plan = []  # the counts the coming steps run at while probing, with a flag: time this step?
+        self.times = {n: [] for n in candidates}
+        self.next_probe, self.expected, self.slow = 0, None, 0
+
+    def before_step(self, it):
+        if not self.plan and len(self.candidates) > 1 and it >= self.next_probe:
+            order = [self.current] + [n for n in self.candidates if n != self.current]
+            self.plan = [(n, k > 0 or n == self.current) for n in order for k in range(self.trials + 1)]
+            self.times = {n: [] for n in self.candidates}
+        torch.set_num_threads(self.plan[0][0] if self.plan else self.current)
+
+    def after_step(self, it, seconds):
+        if self.plan:
+            n, timed = self.plan.pop(0)
+            if timed:
+                self.times[n].append(seconds)
+            if not self.plan:  # the probe is done: keep the fastest
+                speed = {n: min(t) for n, t in self.times.items() if t}
+                best = min(speed, key=speed.get)
+                if best != self.current:
+                    timings = ", ".join(f"{n}: {1e3 * t:.1f} ms/step" for n, t in sorted(speed.items()))
+                    self.log(f"threads: {self.current} -> {best} at iteration {it + 1} ({timings})")
+                self.current, self.expected, self.slow = best, speed[best], 0
+                self.next_probe = it + 1 + self.every
+        elif self.expected is not None:  # steps that slow down by half: the load changed, probe now
+            self.slow = self.slow + 1 if seconds > 1.5 * self.expected else 0
+            if self.slow >= 3:
+                self.next_probe = it + 1
+
+
+def same_numbers(model, optimizer, step, counts):
+    """The counts among `counts` under which one training step, step(), leaves exactly the parameters that
+    counts[0] leaves. Model and optimizer are put back as they were (buffers too), and nothing is drawn
+    from a random generator."""
+    saved = copy.deepcopy((model.state_dict(), dict(model.named_buffers()), optimizer.state_dict()))
+    after = {}
+    for n in counts:
+        torch.set_num_threads(n)
+        step()
+        after[n] = [p.detach().clone() for p in model.parameters()]
+        model.load_state_dict(saved[0])
+        for name, buffer in model.named_buffers():
+            buffer.copy_(saved[1][name])
+        optimizer.load_state_dict(saved[2])
+    torch.set_num_threads(counts[0])
+    return [n for n in counts if all(torch.equal(a, b) for a, b in zip(after[n], after[counts[0]]))]
+
+
+def thread_counts():
+    """The counts the picker may choose from: the cores' count (torch's default) and up to three below it,
+    down to half of them: 2 cores: [2, 1]; 8 cores: [8, 7, 6, 5]."""
+    cores = torch.get_num_threads()
+    return list(range(cores, max(1, cores // 2) - 1, -1))[:4]
+
+
+def pick_threads(threads, device, model, optimizer, step, log):
+    """The ThreadPicker of a CPU run, or None: a GPU does the work itself, and --threads N fixes the
+    count. Its candidates: thread_counts(), kept only where a step gives the same numbers as at the cores'
+    count."""
+    if device.type != "cpu":
+        return None
+    if threads:
+        torch.set_num_threads(threads)
+        log(f"threads: {threads} (--threads)")
+        return None
+    counts = thread_counts()
+    candidates = same_numbers(model, optimizer, step, counts) if len(counts) > 1 else counts
+    dropped = [n for n in counts if n not in candidates]
+    note = f"; not {dropped}, which round some sums differently here" if dropped else ""
+    log(f"threads: {counts[0]}, re-picked from {candidates} by timed steps as the load changes{note}")
+    return ThreadPicker(candidates, log)
 
 
 # ---------------------------------------------------------------------------------------------------
 # 3. Data
 
 
-def load_dataset(name, prepare=True):
-    """data/<name>/ (or a folder path) with train.bin, val.bin and meta.pkl; runs its prepare.py on first
-    use."""
+DATA_FILES = ("train.bin", "val.bin", "meta.pkl")
+
+
+def find_dataset(name):
+    """The folder of a dataset, data/<name>/ or a folder path, checked at the door: it must exist and hold
+    train.bin, val.bin and meta.pkl, or have a prepare.py that makes them. Returns (folder, missing files)."""
+    if not name:
+        raise UsageError("--dataset is empty; give a dataset of data/ (e.g. shakespeare_char) or a folder")
     folder = name if os.sep in name or "/" in name else os.path.join(ROOT, "data", name)
-    has_prepare = os.path.exists(os.path.join(folder, "prepare.py"))
-    if not has_prepare and not os.path.exists(os.path.join(folder, "val.bin")):
-        have = sorted(d for d in os.listdir(os.path.join(ROOT, "data")) if os.path.exists(
-            os.path.join(ROOT, "data", d, "prepare.py")))
-        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(have)}")
-    if not os.path.exists(os.path.join(folder, "val.bin")):
+    missing = [f for f in DATA_FILES if not os.path.exists(os.path.join(folder, f))]
+    if os.path.exists(os.path.join(folder, "prepare.py")) or not missing:
+        return folder, missing
+    if os.path.isdir(folder) and len(missing) < len(DATA_FILES):
+        raise UsageError(f"dataset folder {folder} has no {' and no '.join(missing)}; a dataset needs "
+                         f"{', '.join(DATA_FILES)} (nanoGPT's format)")
+    have = sorted(d for d in os.listdir(os.path.join(ROOT, "data"))
+                  if os.path.exists(os.path.join(ROOT, "data", d, "prepare.py")))
+    raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(have)}, or a folder with "
+                     f"{', '.join(DATA_FILES)}")
+
+
+def load_dataset(name, prepare=True):
+    """The dataset's folder and meta.pkl; a data/<name>/ whose files are missing runs its prepare.py first
+    (on first use)."""
+    folder, missing = find_dataset(name)
+    if missing:
         if not prepare:
             raise UsageError(f"dataset {name!r} is not prepared: run python data/{name}/prepare.py")
         print(f"preparing dataset {name} (first use): python data/{name}/prepare.py")
@@ -400,6 +603,26 @@ def get_lr(it, s):
     return s["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s["learning_rate"] - s["min_lr"])
 
 
+def train_step(model, optimizer, x, y, autocast, grad_clip=1.0, lr=None):
+    """One step on one micro-batch as the loop below takes it (no accumulation, no DDP, no grad scaler):
+    forward, backward, clip, AdamW, the model's after_step hook. bench.py trains with it, and the thread
+    picker checks its numbers with it. Returns the loss tensor."""
+    if lr is not None:
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+    with autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    if grad_clip > 0:
+        foreach = x.device.type in ("cpu", "cuda")  # one fused pass over all the gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=foreach)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(model, "after_step"):
+        model.after_step()
+    return loss
+
+
 @torch.no_grad()
 def estimate_loss(model, folder, batch_size, block_size, eval_iters, device, autocast,
                   splits=("train", "val")):
@@ -511,6 +734,22 @@ def format_metrics(metrics):
     return "\n".join(lines)
 
 
+def interrupted(model_name, s, iter_num, kept, log_path, master):
+    """After Ctrl-C: the loss plot so far, two lines on where the run stands and how to go on, exit 130."""
+    if master:
+        plot_log(log_path, os.path.join(s["out_dir"], "loss.png"), f"{model_name} on {s['dataset']}")
+    ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
+    if kept is None:
+        print(f"stopped at iteration {iter_num} (Ctrl-C), before the first checkpoint (iteration "
+              f"{s['eval_interval']}): nothing to resume", file=sys.stderr)
+    else:
+        print(f"stopped at iteration {iter_num} (Ctrl-C); {ckpt_path} holds iteration {kept}, and "
+              f"{os.path.join(s['out_dir'], 'loss.png')} the losses so far", file=sys.stderr)
+        print(f"continue with: python train.py --model {model_name} --out_dir {s['out_dir']} --resume",
+              file=sys.stderr)
+    sys.exit(130)
+
+
 def finish(model_name, raw_model, s, meta, log_path, device, autocast, log):
     """Plot the losses, print the model's metrics, write a sample. Returns the names of the files written."""
     plot_log(log_path, os.path.join(s["out_dir"], "loss.png"), f"{model_name} on {s['dataset']}")
@@ -537,11 +776,10 @@ def finish(model_name, raw_model, s, meta, log_path, device, autocast, log):
 
 
 def main(argv):
-    # 1. Settings, 2. device, 3. data
-    args, given, module = parse_args(argv)
-    s, model_config, ckpt = read_settings(args, given, module)
+    # 1. Settings, checked at the door, 2. device, 3. data
+    args, given, module, s, model_config, ckpt, device, dtype = validate(argv)
     ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
-    ddp, rank, local_rank, world, device, dtype = start_device(s)
+    ddp, rank, local_rank, world, device = start_device(device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     folder, meta = open_data(s, model_config, given, ckpt, ddp, master)
@@ -563,7 +801,16 @@ def main(argv):
     log_path, write_log = open_log(s, resolved, ckpt, master)
 
     # The training loop: evaluate and checkpoint every eval_interval steps, log every log_interval
+    batch = get_batch(folder, "train", s["batch_size"], config.block_size, torch.Generator().manual_seed(0),
+                      device)  # for the thread picker's check, from its own generator: train_gen is untouched
+    check_step = lambda: train_step(raw_model, optimizer, *batch, autocast, s["grad_clip"])
+    picker = None if ddp else pick_threads(s["threads"], device, raw_model, optimizer, check_step, log)
+    stop = []  # Ctrl-C: the step under way ends, then the run stops cleanly (a second Ctrl-C: at once)
+    if not ddp:
+        signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT,
+                                                                               signal.default_int_handler)))
     iter_num = ckpt["iter_num"] if ckpt else 0
+    kept = ckpt["iter_num"] if ckpt else None  # the iteration ckpt.pt holds
     best_val = ckpt["best_val_loss"] if ckpt else float("inf")
     peak = peak_flops(device)
     t_start, t_last, elapsed0 = time.time(), time.time(), ckpt["elapsed"] if ckpt else 0.0
@@ -595,12 +842,17 @@ def main(argv):
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "iter_num": iter_num, "best_val_loss": best_val, "settings": s, "meta": meta,
                     "elapsed": elapsed, "rng": rng})
-                saved = True
+                saved, kept = True, iter_num
         fresh = False
         if iter_num >= s["max_iters"]:
             break
+        if stop:
+            interrupted(args.model, s, iter_num, kept, log_path, master)
 
         # forward, backward and the optimizer step; the loss stays on the device until it is logged
+        if picker:
+            picker.before_step(iter_num)
+        t_step = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro in range(s["gradient_accumulation_steps"]):
             if ddp:  # all-reduce the gradients only on the last micro-step
@@ -623,6 +875,8 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         if hasattr(raw_model, "after_step"):
             raw_model.after_step()
+        if picker:
+            picker.after_step(iter_num, time.perf_counter() - t_step)
         iter_num += 1
 
         if iter_num % s["log_interval"] == 0 or iter_num == s["max_iters"]:
@@ -646,7 +900,9 @@ def main(argv):
                 f"{tok_s:,.0f} tokens/s{mfu}")
             write_log(row)
 
-    # 6. Finish
+    # 6. Finish, at the cores' thread count: the sample does not depend on the load
+    if picker:
+        torch.set_num_threads(picker.candidates[0])
     if master:
         written = ["config.json", "log.jsonl"] + ["ckpt.pt"] * saved
         written += finish(args.model, raw_model, s, meta, log_path, device, autocast, log)
@@ -664,3 +920,6 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the training loop, or a second Ctrl-C
+        print("train.py: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

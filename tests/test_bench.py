@@ -120,6 +120,16 @@ def test_script_and_bad_input(tmp_path):
             bench.main([*args, "--quick", "--out", str(tmp_path)])
 
 
+def test_threads(tmp_path):
+    rows = run_part("threads", tmp_path)
+    fixed = {r["threads"] for r in rows if r["load"] == "idle"} - {"picked"}
+    assert fixed == {str(n) for n in bench.thread_counts()}
+    picked = [r for r in rows if r["threads"] == "picked" and "vs_best_fixed" in r]
+    assert [r["load"] for r in picked] == ["idle", "one core busy"] and all(r["tokens/s"] > 0 for r in picked)
+    changing = next(r for r in rows if r["load"] == "comes and goes")
+    assert any("load starts" in line for line in changing["switches"]), changing["switches"]
+
+
 @pytest.mark.parametrize("L,K,V", [(64, 8, 256), (32, 4, 64), (16, 4, 17)])
 def test_mqar_is_right_by_construction(L, K, V):
     x, y = bench.mqar(200, L, K, V, torch.Generator().manual_seed(0))

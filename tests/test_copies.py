@@ -19,21 +19,24 @@ from conftest import MODELS
 
 MARKER = re.compile(r"# Copied from (\w+)\.py(?:, with (\w+) -> (\w+))?$")
 
-# name -> the files that must carry a marked copy of gpt.py's version (at least these; more may)
-SHARED = {
-    "check_triton": ("mamba", "rwkv", "retnet", "moe"),
-    "Model.generate": ("mamba", "rwkv", "retnet", "moe"),
-    "Model.step": ("mamba", "rwkv", "retnet", "moe"),
-    "RMSNorm": ("mamba", "retnet", "moe"),
-    "rope_angles": ("retnet", "moe"),
-    "apply_rope": ("retnet", "moe"),
-    "causal_mask": ("moe",),
-    "attention_ref": ("moe",),
-    "Attention": ("moe",),
-    "Model.prefill": ("moe",),
-    "Model.__init__": ("retnet",),
-    "Model.param_groups": ("retnet", "moe"),
-}
+# (name, the file with the original, the files that must carry a marked copy of it: at least these)
+SHARED = [
+    ("check_triton", "gpt", ("mamba", "rwkv", "retnet", "moe")),
+    ("check_fields", "gpt", ("mamba", "rwkv", "retnet", "moe")),
+    ("Model.generate", "gpt", ("mamba", "rwkv", "retnet", "moe")),
+    ("Model.step", "gpt", ("mamba", "rwkv", "retnet", "moe")),
+    ("RMSNorm", "gpt", ("mamba", "retnet", "moe")),
+    ("rope_angles", "gpt", ("retnet", "moe")),
+    ("apply_rope", "gpt", ("retnet", "moe")),
+    ("causal_mask", "gpt", ("moe",)),
+    ("attention_ref", "gpt", ("moe",)),
+    ("Attention", "gpt", ("moe",)),
+    ("Model.prefill", "gpt", ("moe",)),
+    ("Model.__init__", "gpt", ("retnet",)),
+    ("Model.param_groups", "gpt", ("retnet", "moe")),
+    ("Model.read_prompt", "gpt", ("moe",)),  # attention's: a long prompt is cropped
+    ("Model.read_prompt", "mamba", ("rwkv", "retnet")),  # a recurrent model's: any length, in pieces
+]
 
 
 def definitions(path):
@@ -82,15 +85,15 @@ def test_marked_copies_equal_their_original(model, files):
         assert text == want, f"{model}.py's {name} has drifted from {origin}.py's: copy it again"
 
 
-@pytest.mark.parametrize("name", sorted(SHARED))
-def test_shared_pieces_are_marked_copies(name, files):
-    for model in SHARED[name]:
+@pytest.mark.parametrize("name, origin, copies", SHARED, ids=[f"{o}.{n}" for n, o, _ in SHARED])
+def test_shared_pieces_are_marked_copies(name, origin, copies, files):
+    for model in copies:
         if model not in files:
             continue
-        assert name in files[model], f"{model}.py has no copy of gpt.py's {name}"
+        assert name in files[model], f"{model}.py has no copy of {origin}.py's {name}"
         marker = files[model][name][1]
-        assert marker is not None and marker.group(1) == "gpt", \
-            f"{model}.py's {name} needs the line '# Copied from gpt.py' above it"
+        assert marker is not None and marker.group(1) == origin, \
+            f"{model}.py's {name} needs the line '# Copied from {origin}.py' above it"
 
 
 def test_no_silent_copies(files):

@@ -1,6 +1,7 @@
 """The model contract (../shared/DESIGN.md), checked the same way on every model file."""
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -119,6 +120,39 @@ def test_generate_greedy_matches_forward(mod):
         for _ in range(8):  # the slow way: rerun the whole sequence for every token
             seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+def state_numbers(state):
+    return sum(t.numel() for t in bench.tensors(state))
+
+
+def test_long_prompt(mod):
+    """A prompt 3x block_size long generates. A model whose state does not grow with the context (recurrent)
+    reads all of it, exactly as stepping through it token by token; one whose state grows (a KV cache)
+    reads its last block_size tokens, as nanoGPT crops, and warns."""
+    model = trained_looking(mod)
+    prompt = torch.randint(V, (2, 3 * T))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(prompt, 6, temperature=0)
+    assert out.shape == (2, 3 * T + 6) and torch.equal(out[:, :3 * T], prompt)
+    with torch.no_grad():
+        half, whole = (state_numbers(model.prefill(prompt[:, :n])[1]) for n in (T // 2, T))
+        recurrent = half == whole
+        if recurrent:
+            state = None
+            for t in range(3 * T):
+                logits, state = model.step(prompt[:, t], state)
+            seq = prompt
+            for _ in range(6):
+                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+                logits, state = model.step(seq[:, -1], state)
+            assert torch.equal(out, seq), "generate on a long prompt differs from stepping through it"
+            assert not caught
+        else:
+            cropped = model.generate(prompt[:, -T:], 6, temperature=0)
+            assert torch.equal(out[:, -6:], cropped[:, -6:]), "a long prompt is not read as its last T"
+            assert any("block_size" in str(w.message) for w in caught), "cropping a prompt says so"
 
 
 def test_generate_samples_within_top_k(mod):

@@ -188,9 +188,97 @@ def test_sample(data, tmp_path):
     assert greedy[0] == greedy[1]  # temperature 0 does not depend on the seed
     assert_usage_error(run("sample.py", "--out_dir", str(tmp_path), "--start", "Zebra\u00e9", check=False),
                        "outside the model's vocabulary")
-    assert_usage_error(run("sample.py", "--out_dir", str(tmp_path), "--start", "speak " * 10, check=False),
-                       "block_size")  # 60 characters; gpt's block_size here is 16
+    # a prompt longer than the context: gpt keeps its last block_size tokens, as nanoGPT does, and says so
+    p = run("sample.py", "--out_dir", str(tmp_path), "--start", "speak " * 10, "--num_samples", "2",
+            "--max_new_tokens", "5")  # 60 characters; gpt's block_size here is 16
+    note = "note: the prompt has 60 tokens; attention reads its last block_size=16"
+    assert p.stderr.strip() == note, p.stderr
+    assert all(s.startswith("speak " * 10) for s in p.stdout.split("---------------\n")[:2])
     assert_usage_error(run("sample.py", "--out_dir", str(tmp_path / "nothing"), check=False), "no checkpoint")
+
+
+def test_ctrl_c_stops_cleanly(data, tmp_path):
+    """SIGINT (Ctrl-C) during training: two lines on where the run stands and the command that continues
+    it, the loss plot so far, exit 130; the checkpoint is the last one saved, and --resume goes on."""
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", data, "--out_dir", str(tmp_path),
+            *TINY, "--max_iters", "100000", "--eval_interval", "5"]
+    p = subprocess.Popen(args, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.exists(tmp_path / "ckpt.pt"):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 130 and len(lines) == 2 and "Traceback" not in err, err
+    assert lines[0].startswith("stopped at iteration ") and "(Ctrl-C)" in lines[0], lines[0]
+    kept = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"]
+    assert f"holds iteration {kept}" in lines[0], (lines[0], kept)
+    assert lines[1] == f"continue with: python train.py --model gpt --out_dir {tmp_path} --resume", lines[1]
+    assert os.path.getsize(tmp_path / "loss.png") > 0
+    train(data, tmp_path, "--resume", "--max_iters", str(kept + 2))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == kept + 2
+
+
+def test_threads_never_change_the_numbers(data, tmp_path):
+    """train.py picks its CPU thread count as it goes (by timed steps, the first ones at every candidate):
+    the loss curve is the same, bit for bit, as with the count fixed at the cores' (--threads N)."""
+    cores = torch.get_num_threads()
+    common = ["--max_iters", "12", "--eval_interval", "6", "--log_interval", "1"]
+    auto = train(data, tmp_path / "auto", *common)
+    train(data, tmp_path / "fixed", *common, "--threads", str(cores))
+    assert "re-picked from" in auto.stdout
+    rows = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("auto", "fixed")]
+    numbers = [[(r["iter"], r.get("loss"), r.get("val_loss")) for r in log] for log in rows]
+    assert numbers[0] == numbers[1]
+
+
+def test_thread_picker_follows_the_load():
+    """ThreadPicker on made-up step times: idle, 2 threads are fastest; a busy core makes them 4x slower,
+    which it notices within a few steps and probes again; once the load is gone, the next probe goes back."""
+    sys.path.insert(0, ROOT)
+    import train
+    threads = torch.get_num_threads()
+    lines = []
+    picker = train.ThreadPicker([2, 1], lines.append, every=50)
+    load = {"busy": False}
+    cost = lambda n: {2: 4.0, 1: 1.6}[n] if load["busy"] else {2: 1.0, 1: 1.6}[n]  # noqa: E731
+    chosen = []
+    try:
+        for it in range(200):
+            load["busy"] = 60 <= it < 120
+            picker.before_step(it)
+            n = torch.get_num_threads()
+            picker.after_step(it, cost(n))
+            chosen.append(picker.current)  # the count it runs at between probes
+    finally:
+        torch.set_num_threads(threads)
+    assert set(chosen[10:60]) == {2}, "idle: 2 threads"
+    assert set(chosen[70:120]) == {1}, "a busy core: 1 thread, found within a few steps"
+    assert set(chosen[190:]) == {2}, "the load gone: back to 2 at the next probe"
+    assert len(lines) == 2 and lines[0].startswith("threads: 2 -> 1 at iteration"), lines
+    assert lines[1].startswith("threads: 1 -> 2"), lines
+
+
+def test_same_numbers_drops_a_count_that_rounds_differently():
+    sys.path.insert(0, ROOT)
+    import train
+    threads = torch.get_num_threads()
+    model = torch.nn.Linear(3, 1)
+    model.register_buffer("seen", torch.zeros(1), persistent=False)  # a non-persistent buffer comes back too
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def step():  # a step whose numbers depend on the thread count, as LayerNorm's gradient can
+        model.seen += 1
+        model(torch.full((1, 3), float(torch.get_num_threads() % 2))).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    try:
+        assert train.same_numbers(model, optimizer, step, [2, 4, 1]) == [2, 4]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)) and model.seen.item() == 0
+    assert not optimizer.state, "the optimizer's state is put back as it was (empty)"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU is tested on Linux")
