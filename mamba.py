@@ -647,8 +647,9 @@ def download(path_or_id):
             folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.bin"])
         return folder
     except Exception as e:  # offline, no such repository, a gated model: one line for each
-        raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}); "
-                           f"download it where the hub is reachable and pass its local path") from None
+        raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: is "
+                           f"the hub reachable, the name right?); download it where the hub is reachable and "
+                           f"pass its local path") from None
 
 
 # Copied from gpt.py

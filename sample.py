@@ -3,9 +3,12 @@ sample.py: generate text from a checkpoint written by train.py, for any model.
 
     python sample.py --out_dir out/gpt --start "ROMEO:" --num_samples 3 --max_new_tokens 300
     python sample.py --out_dir out/mamba --start FILE:prompt.txt --temperature 0.7 --top_k 50
+    python sample.py --init_from HuggingFaceTB/SmolLM2-135M --start "The meaning of life is"
 
 The checkpoint names its model file and config; the text goes through the model's generate(), which
-prefills the prompt once and then steps one token at a time (a KV cache or a recurrent state).
+prefills the prompt once and then steps one token at a time (a KV cache or a recurrent state). --init_from
+samples a released checkpoint instead (a Hugging Face hub id, a local folder or a .pth file), through the
+model file's from_pretrained and the checkpoint's own tokenizer.
 """
 
 import argparse
@@ -15,13 +18,16 @@ import sys
 import torch
 
 from train import (Parser, Tokenizer, UsageError, autocast_for, build_model, load_checkpoint,
-                   load_model_module, pick_device, pick_dtype)
+                   load_model_module, load_pretrained, pick_device, pick_dtype, pretrained_source,
+                   pretrained_tokenizer)
 
 
 def main(argv):
     p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out/gpt", help="the run folder holding ckpt.pt")
+    p.add_argument("--init_from", default=None, help="a released checkpoint instead: a Hugging Face hub id, "
+                   "a local folder or a .pth file (README: Released models)")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=500)
@@ -38,19 +44,25 @@ def main(argv):
     if args.temperature < 0 or args.top_k < 0:
         raise UsageError("--temperature and --top_k must not be negative")
 
-    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
-    config = dict(ckpt["model_config"])
-    if args.kernel is not None:
-        config["kernel"] = args.kernel
-        if args.kernel == "triton" and not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # before the model file defines its kernels
-            print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter (slow)",
-                  file=sys.stderr)
-    module = load_model_module(ckpt["model_name"])
+    if args.kernel == "triton" and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # before the model file defines its kernels
+        print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter (slow)", file=sys.stderr)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model = build_model(module, config, ckpt["model"]).to(device).eval()
-    tok = Tokenizer(ckpt["meta"])
+    if args.init_from:  # a released checkpoint: its model file, weights and tokenizer
+        model_name, folder = pretrained_source(args.init_from)
+        module = load_model_module(model_name)
+        overrides = {} if args.kernel is None else {"kernel": args.kernel}
+        model = load_pretrained(module, args.init_from, overrides).to(device)
+        tok = Tokenizer(pretrained_tokenizer(model_name, folder))
+    else:  # a checkpoint train.py wrote
+        ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+        config = dict(ckpt["model_config"])
+        if args.kernel is not None:
+            config["kernel"] = args.kernel
+        module = load_model_module(ckpt["model_name"])
+        model = build_model(module, config, ckpt["model"]).to(device).eval()
+        tok = Tokenizer(ckpt["meta"])
 
     start = args.start
     if start.startswith("FILE:"):
