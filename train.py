@@ -25,6 +25,7 @@ import ast
 import dataclasses
 import functools
 import hashlib
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -529,7 +530,9 @@ def rwkv_world_vocab(folder=None):
     else taken from the rwkv package on the Python package index (the way data/shakespeare's GPT-2 ranks
     come), its sha256 checked."""
     here = [os.path.join(folder, RWKV_VOCAB)] if folder else []
-    spec = importlib.util.find_spec("rwkv")  # finds the package without importing it
+    # the installed package, found without importing it, and past this repository's own rwkv.py
+    elsewhere = [p for p in sys.path if os.path.abspath(p) != ROOT]
+    spec = importlib.machinery.PathFinder.find_spec("rwkv", elsewhere)
     if spec is not None and spec.submodule_search_locations:
         here.append(os.path.join(list(spec.submodule_search_locations)[0], RWKV_VOCAB))
     cached = os.path.join(ROOT, "data", RWKV_VOCAB)
