@@ -36,7 +36,8 @@ tile from each row's saved log-sum-exp. It is `attention_ref`'s softmax, a tile 
 
 Layout: Config; the core in PyTorch (attention, attention_ref); the core in Triton (kernels,
 AttentionTriton, attention_triton); the layers (RMSNorm, RoPE, Attention, MLP, Block); the Model
-(forward, prefill/step with a KV cache, generate); a self-check, `python gpt.py`.
+(forward, prefill/step with a KV cache, generate, from_pretrained); released checkpoints (Llama, SmolLM2,
+Qwen2, Mistral, read from Hugging Face's layout into this file's names); a self-check, `python gpt.py`.
 """
 
 import json
@@ -564,8 +565,8 @@ class Model(nn.Module):
 
 def download(path_or_id):
     """path_or_id as it is where it exists on disk; else a Hugging Face hub id, "owner/name" (its .json files
-    and its weights: the .safetensors where it has them, else the .bin) or "owner/name/file" (that file),
-    fetched once into the hub's cache. Returns the local folder or file."""
+    and its weights: model.safetensors where it has them, else pytorch_model.bin) or "owner/name/file" (that
+    file), fetched once into the hub's cache. Returns the local folder or file."""
     if os.path.exists(path_or_id):
         return path_or_id
     parts = path_or_id.split("/")
@@ -581,9 +582,10 @@ def download(path_or_id):
     try:
         if file:
             return huggingface_hub.hf_hub_download(repo, file)
-        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"])
+        # model*.safetensors: whole or in shards, and not the copy some repos keep in their own format
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "model*.safetensors"])
         if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
-            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.bin"])
+            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "pytorch_model*.bin"])
         return folder
     except Exception as e:  # offline, no such repository, a gated model: one line for each
         raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: is "

@@ -45,8 +45,9 @@ elementwise work over a (b, T, Di, N) state, and the game is never to store that
 
 Layout: Config; the core in PyTorch (selective_scan, selective_scan_ref, selective_scan_chunked); the core
 in Triton (kernels, SelectiveScanTriton, selective_scan_triton); the layers (RMSNorm, Mixer, Block); the
-Model (forward, prefill/step with a recurrent state of (conv window, ssm state) per layer, generate); a
-self-check, `python mamba.py`.
+Model (forward, prefill/step with a recurrent state of (conv window, ssm state) per layer, generate,
+from_pretrained); released checkpoints (Mamba-1, in state-spaces' layout and Hugging Face's, read into this
+file's names); a self-check, `python mamba.py`.
 """
 
 import json
@@ -625,8 +626,8 @@ class Model(nn.Module):
 # Copied from gpt.py
 def download(path_or_id):
     """path_or_id as it is where it exists on disk; else a Hugging Face hub id, "owner/name" (its .json files
-    and its weights: the .safetensors where it has them, else the .bin) or "owner/name/file" (that file),
-    fetched once into the hub's cache. Returns the local folder or file."""
+    and its weights: model.safetensors where it has them, else pytorch_model.bin) or "owner/name/file" (that
+    file), fetched once into the hub's cache. Returns the local folder or file."""
     if os.path.exists(path_or_id):
         return path_or_id
     parts = path_or_id.split("/")
@@ -642,9 +643,10 @@ def download(path_or_id):
     try:
         if file:
             return huggingface_hub.hf_hub_download(repo, file)
-        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"])
+        # model*.safetensors: whole or in shards, and not the copy some repos keep in their own format
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "model*.safetensors"])
         if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
-            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.bin"])
+            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "pytorch_model*.bin"])
         return folder
     except Exception as e:  # offline, no such repository, a gated model: one line for each
         raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: is "

@@ -51,7 +51,8 @@ sdpa under "triton" (see `attend`).
 Layout: Config; the core in PyTorch (experts, experts_ref, experts_sorted); the core in Triton (kernels,
 ExpertsTriton, experts_triton); the layers (attend, RMSNorm, RoPE, Attention, MLP, the router losses, the
 MoE layer, Block); the Model (forward with the router losses, prefill/step with a KV cache, generate, and
-the hooks train.py calls: after_step for the selection bias, metrics for the expert load); a self-check,
+the hooks train.py calls: after_step for the selection bias, metrics for the expert load; from_pretrained);
+released checkpoints (Mixtral, read from Hugging Face's layout into this file's names); a self-check,
 `python moe.py`.
 """
 
@@ -726,8 +727,8 @@ class Model(nn.Module):
 # Copied from gpt.py
 def download(path_or_id):
     """path_or_id as it is where it exists on disk; else a Hugging Face hub id, "owner/name" (its .json files
-    and its weights: the .safetensors where it has them, else the .bin) or "owner/name/file" (that file),
-    fetched once into the hub's cache. Returns the local folder or file."""
+    and its weights: model.safetensors where it has them, else pytorch_model.bin) or "owner/name/file" (that
+    file), fetched once into the hub's cache. Returns the local folder or file."""
     if os.path.exists(path_or_id):
         return path_or_id
     parts = path_or_id.split("/")
@@ -743,9 +744,10 @@ def download(path_or_id):
     try:
         if file:
             return huggingface_hub.hf_hub_download(repo, file)
-        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"])
+        # model*.safetensors: whole or in shards, and not the copy some repos keep in their own format
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "model*.safetensors"])
         if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
-            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.bin"])
+            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "pytorch_model*.bin"])
         return folder
     except Exception as e:  # offline, no such repository, a gated model: one line for each
         raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: is "

@@ -51,7 +51,8 @@ The core is `wkv7(r, w, k, v, a, b, state, kernel=..., chunk_size=64)`:
 
 Layout: Config; the core in PyTorch (wkv7, wkv7_ref, wkv7_chunked); the core in Triton (kernels,
 WKV7Triton, wkv7_triton); the layers (TimeMix, ChannelMix, Block); the Model (forward, prefill/step with a
-recurrent state whose size does not grow with the context, generate); a self-check, `python rwkv.py`.
+recurrent state whose size does not grow with the context, generate, from_pretrained); released checkpoints
+(the official RWKV-7 .pth, read into this file's names); a self-check, `python rwkv.py`.
 Not here: the official trainer's L2Wrap (an extra gradient on the largest logit); the loss is plain
 cross-entropy as in every nanozoo model.
 """
@@ -599,8 +600,8 @@ class Model(nn.Module):
 # Copied from gpt.py
 def download(path_or_id):
     """path_or_id as it is where it exists on disk; else a Hugging Face hub id, "owner/name" (its .json files
-    and its weights: the .safetensors where it has them, else the .bin) or "owner/name/file" (that file),
-    fetched once into the hub's cache. Returns the local folder or file."""
+    and its weights: model.safetensors where it has them, else pytorch_model.bin) or "owner/name/file" (that
+    file), fetched once into the hub's cache. Returns the local folder or file."""
     if os.path.exists(path_or_id):
         return path_or_id
     parts = path_or_id.split("/")
@@ -616,9 +617,10 @@ def download(path_or_id):
     try:
         if file:
             return huggingface_hub.hf_hub_download(repo, file)
-        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"])
+        # model*.safetensors: whole or in shards, and not the copy some repos keep in their own format
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "model*.safetensors"])
         if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
-            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.bin"])
+            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "pytorch_model*.bin"])
         return folder
     except Exception as e:  # offline, no such repository, a gated model: one line for each
         raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: is "
