@@ -74,7 +74,8 @@ SETTINGS = {
 NONE_TYPES = {"min_lr": float, "lr_decay_iters": int, "init_from": str}  # the settings whose default is None
 
 # --init_from: the settings not typed take nanoGPT's for fine-tuning (its config/finetune_shakespeare.py: a
-# few steps at a small constant learning rate), with a context of 256 (for a CPU too) and 20 eval batches.
+# few steps at a small constant learning rate), with 20 eval batches and a context of 256 (for a CPU too;
+# the checkpoint's, where shorter).
 FINETUNE = {"learning_rate": 3e-5, "decay_lr": False, "max_iters": 20, "eval_interval": 5, "eval_iters": 20,
             "batch_size": 1, "gradient_accumulation_steps": 32}
 FINETUNE_BLOCK_SIZE = 256
@@ -211,7 +212,6 @@ def read_settings(args, given, module):
             raise UsageError(f"--{fixed[0]} comes from the checkpoint of --init_from; a fine-tuning run may "
                              f"set only {', '.join('--' + k for k in FREE_FIELDS)}")
         model_config = {k: v for k, v in model_config.items() if k in given}  # the overrides
-        model_config.setdefault("block_size", FINETUNE_BLOCK_SIZE)
     if model_config.get("kernel", "torch") == "triton" and importlib.util.find_spec("triton") is None:
         raise UsageError("--kernel triton needs the triton package (Linux only): pip install triton, or use "
                          "--kernel torch")
@@ -817,6 +817,8 @@ def main(argv):
         log(f"loading {s['init_from']} into {args.model}.py")
         pretrained = load_pretrained(module, s["init_from"], model_config)  # model_config: the overrides
         model_config, weights = dataclasses.asdict(pretrained.config), pretrained.state_dict()
+        if "block_size" not in given:  # a short context for fine-tuning, within the checkpoint's
+            model_config["block_size"] = min(FINETUNE_BLOCK_SIZE, model_config["block_size"])
         tokenizer = pretrained_tokenizer(args.model, args.pretrained[1])
     elif ckpt is not None and ckpt["meta"].get("tokenizer") in ("hf", "rwkv_world"):
         tokenizer = ckpt["meta"]  # a fine-tuning run, resumed: its data is in its checkpoint's tokenizer

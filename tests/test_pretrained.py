@@ -435,10 +435,11 @@ def test_sample_and_finetune_a_released_checkpoint(llama_folder, tmp_path):
     out = tmp_path / "out"
     run("train.py", "--init_from", str(folder), "--dataset", str(data), "--out_dir", str(out),
         "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--gradient_accumulation_steps", "2",
-        "--block_size", "16", "--sample_tokens", "8", "--device", "cpu")
+        "--sample_tokens", "8", "--device", "cpu")
     config = json.load(open(out / "config.json"))
     assert config["model"] == "gpt" and config["settings"]["learning_rate"] == 3e-5
-    assert config["model_config"]["block_size"] == 16 and config["model_config"]["n_kv_head"] == 2
+    assert config["model_config"]["block_size"] == 64  # min(256, the checkpoint's context)
+    assert config["model_config"]["n_kv_head"] == 2 and config["settings"]["batch_size"] == 1
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 4 and ckpt["meta"]["tokenizer"] == "hf"
     start = ref.model.embed_tokens.weight
