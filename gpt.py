@@ -36,9 +36,11 @@ tile from each row's saved log-sum-exp. It is `attention_ref`'s softmax, a tile 
 
 Layout: Config; the core in PyTorch (attention, attention_ref); the core in Triton (kernels,
 AttentionTriton, attention_triton); the layers (RMSNorm, RoPE, Attention, MLP, Block); the Model
-(forward, prefill/step with a KV cache, generate); a self-check, `python gpt.py`.
+(forward, prefill/step with a KV cache, generate, from_pretrained); released checkpoints (Llama, SmolLM2,
+Qwen2, Mistral, read from Hugging Face's layout into this file's names); a self-check, `python gpt.py`.
 """
 
+import json
 import math
 import os
 import warnings
@@ -81,6 +83,8 @@ class Config:
     qk_norm: bool = False
     rope_theta: float = 10000.0
     tie_weights: bool = True  # lm_head shares the token embedding matrix
+    norm_eps: float = 1e-6  # every RMSNorm's eps (released checkpoints: 1e-5 or 1e-6, in their config)
+    qkv_bias: bool = False  # biases on W_Q, W_K, W_V (Qwen2 has them; Llama has none)
 
     def __post_init__(self):
         if self.kernel not in ("torch", "sdpa", "triton"):
@@ -408,11 +412,14 @@ class Attention(nn.Module):
         self.head_dim = config.d_model // config.n_head
         self.kernel = config.kernel
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(config.d_model, qkv_dim, bias=False)  # W_Q, W_K, W_V, fused
+        self.c_attn = nn.Linear(config.d_model, qkv_dim, bias=config.qkv_bias)  # W_Q, W_K, W_V, fused
+        if config.qkv_bias:
+            nn.init.zeros_(self.c_attn.bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x, rope, cache=None):
         B, T, _ = x.shape
@@ -446,8 +453,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.norm1, self.attn = RMSNorm(config.d_model), Attention(config)
-        self.norm2, self.mlp = RMSNorm(config.d_model), MLP(config)
+        self.norm1, self.attn = RMSNorm(config.d_model, config.norm_eps), Attention(config)
+        self.norm2, self.mlp = RMSNorm(config.d_model, config.norm_eps), MLP(config)
 
     def forward(self, x, rope, cache=None):
         a, kv = self.attn(self.norm1(x), rope, cache)
@@ -466,7 +473,7 @@ class Model(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = RMSNorm(config.d_model)
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
@@ -561,6 +568,195 @@ class Model(nn.Module):
         if not self.config.tie_weights:
             n_matmul -= self.wte.weight.numel()  # an embedding lookup is not a matmul
         return 6 * n_matmul + 12 * self.config.n_layer * self.config.d_model * T
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, **overrides):
+        """A released Llama-style model (Llama, SmolLM2, Qwen2, Mistral) from a Hugging Face hub id, e.g.
+        Model.from_pretrained("HuggingFaceTB/SmolLM2-135M") (fetched once into the hub's cache), or from a
+        local folder in that layout (config.json and the weights); in fp32, in eval mode. overrides set the
+        Config fields a checkpoint does not fix (kernel, block_size). What gpt.py cannot represent (a rope
+        scaling, a sliding window, a bias it lacks, a tensor it has no place for) is a ValueError naming it:
+        never wrong numbers. The section "Released checkpoints" below does the reading."""
+        hf_config, tensors = read_checkpoint(download(path_or_id))
+        model = cls(llama_config(hf_config, **overrides))
+        load_weights(model, *llama_state_dict(tensors, model.config))
+        return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Released checkpoints: Llama-style models in Hugging Face's layout (Llama, SmolLM2, Qwen2, Mistral), read
+# into gpt.py's own names. huggingface_hub and safetensors are imported here, only when one is loaded.
+
+
+def download(path_or_id):
+    """path_or_id as it is where it exists on disk; else a Hugging Face hub id, "owner/name" (its .json files
+    and its weights: model.safetensors where it has them, else pytorch_model.bin) or "owner/name/file" (that
+    file), fetched once into the hub's cache. Returns the local folder or file."""
+    if os.path.exists(path_or_id):
+        return path_or_id
+    parts = path_or_id.split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"{path_or_id!r} is neither a local folder or file nor a Hugging Face hub id "
+                         f"(owner/name)")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise RuntimeError(f"{path_or_id!r} is not on disk, and fetching it from the Hugging Face hub needs "
+                           f"huggingface_hub: pip install huggingface_hub safetensors tokenizers") from None
+    repo, file = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        if file:
+            return huggingface_hub.hf_hub_download(repo, file)
+        # model*.safetensors: whole or in shards, and not the copy some repos keep in their own format
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "model*.safetensors"])
+        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "pytorch_model*.bin"])
+        return folder
+    except Exception as e:  # offline, no such repository, a gated model: one line for each
+        raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: is "
+                           f"the hub reachable, the name right?); download it where the hub is reachable and "
+                           f"pass its local path") from None
+
+
+def read_checkpoint(folder):
+    """A Hugging Face checkpoint folder: its config.json as a dict, and its tensors by name, from
+    model.safetensors or pytorch_model.bin, whole or in shards (listed by their index.json)."""
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder} has no config.json: pass a Hugging Face checkpoint's folder")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(folder, name + ".index.json")):
+            with open(os.path.join(folder, name + ".index.json")) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(folder, name)):
+            files = [name]
+        else:
+            continue
+        tensors = {}
+        for file in files:
+            if file.endswith(".safetensors"):
+                try:
+                    from safetensors.torch import load_file
+                except ImportError:
+                    raise RuntimeError("reading .safetensors files needs safetensors: pip install "
+                                       "safetensors") from None
+                tensors.update(load_file(os.path.join(folder, file)))
+            else:
+                tensors.update(torch.load(os.path.join(folder, file), map_location="cpu", weights_only=True))
+        return config, tensors
+    raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+def take(tensors, name):
+    """Remove the checkpoint's tensor `name` from tensors and return it; what is never taken is left over."""
+    if name not in tensors:
+        raise ValueError(f"the checkpoint has no tensor {name!r}")
+    return tensors.pop(name)
+
+
+def head_weight(tensors, embedding, tied, name="lm_head.weight"):
+    """The output head: the embedding itself when tied (a saved copy, if any, must equal it), else its own."""
+    if not tied:
+        return take(tensors, name)
+    if name in tensors and not torch.equal(take(tensors, name), embedding):
+        raise ValueError(f"the config ties the head to the embedding, but {name} differs from it")
+    return embedding
+
+
+def load_weights(model, state_dict, leftover):
+    """Copy state_dict, in this file's names, into model. A tensor of the checkpoint that no name took
+    (leftover) is a part this file does not have: an error naming it, never a silent drop."""
+    if leftover:
+        names = sorted(leftover)
+        raise ValueError(f"the checkpoint has {len(names)} tensor(s) this file has no place for: "
+                         f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    own = model.state_dict()
+    for name, tensor in state_dict.items():
+        if tensor.shape != own[name].shape:
+            raise ValueError(f"the checkpoint's tensor for {name} is {tuple(tensor.shape)}, where its config "
+                             f"makes {tuple(own[name].shape)}")
+    model.load_state_dict(state_dict)  # strict: every parameter is filled
+
+
+LLAMA_STYLE = ("llama", "mistral", "qwen2")  # Hugging Face model types with gpt.py's architecture
+
+
+def llama_config(hf, **overrides):
+    """gpt.py's Config from a Llama-style config.json (a dict): every field it fixes, read from it; anything
+    gpt.py cannot represent, a ValueError naming it. overrides: the fields it leaves (kernel, block_size)."""
+    kind = hf.get("model_type")
+    if kind not in LLAMA_STYLE:
+        raise ValueError(f"gpt.py loads Llama-style checkpoints (model_type {', '.join(LLAMA_STYLE)}), not "
+                         f"model_type {kind!r}")
+    C, H, n_layer = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+    context = hf.get("max_position_embeddings", 2048)
+    # RoPE: transformers 5 writes rope_parameters; older configs, as released, rope_theta and rope_scaling.
+    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    # Sliding-window attention: Mistral's on every layer; Qwen2's only with use_sliding_window, on the layers
+    # from max_window_layers on; transformers 5 names each layer's kind in layer_types.
+    window = hf.get("sliding_window")
+    if "layer_types" in hf:
+        window = window if "sliding_attention" in hf["layer_types"] else None
+    elif kind == "qwen2" and not (hf.get("use_sliding_window") and hf.get("max_window_layers", 28) < n_layer):
+        window = None
+
+    lacks = []
+    if hf.get("hidden_act", "silu") != "silu":
+        lacks.append(f"hidden_act {hf['hidden_act']!r} (gpt.py's MLP gates with SiLU)")
+    if rope_type != "default":
+        lacks.append(f"rope scaling {rope_type!r} (gpt.py has plain RoPE)")
+    if hf.get("head_dim") not in (None, C // H):
+        lacks.append(f"head_dim {hf['head_dim']} apart from hidden_size / num_attention_heads = {C // H} "
+                     f"(gpt.py derives it)")
+    if hf.get("attention_bias"):
+        lacks.append("attention_bias, a bias on o_proj too (gpt.py has qkv_bias only)")
+    if hf.get("mlp_bias"):
+        lacks.append("mlp_bias (gpt.py's MLP has no biases)")
+    if window is not None and window < context:
+        lacks.append(f"sliding-window attention over {window} tokens (gpt.py attends over all of block_size)")
+    if lacks:
+        raise ValueError(f"this {kind} checkpoint has what gpt.py cannot represent: {'; '.join(lacks)}")
+    fields = dict(vocab_size=hf["vocab_size"], block_size=context, n_layer=n_layer, d_model=C, n_head=H,
+                  n_kv_head=hf.get("num_key_value_heads") or H, mlp_hidden=hf["intermediate_size"],
+                  qk_norm=False,
+                  rope_theta=float(rope.get("rope_theta") or 10000.0),
+                  tie_weights=hf.get("tie_word_embeddings", False), norm_eps=hf["rms_norm_eps"],
+                  qkv_bias=kind == "qwen2")
+    return Config(**{**fields, **overrides})
+
+
+def rope_pairs(w, n_heads):
+    """Reorder the rows of each head of a q or k projection (weight or bias) from Hugging Face's half-split
+    RoPE layout to gpt.py's pairs: Hugging Face rotates dimension j with j + D/2 (rotate_half), gpt.py
+    rotates 2j with 2j + 1, both by the angle n * theta^(-2j/D). So row j goes to 2j and row j + D/2 to
+    2j + 1; q.k is a sum over the dimensions, the same in any order shared by q and k."""
+    return w.unflatten(0, (n_heads, 2, -1)).transpose(1, 2).flatten(0, 2)
+
+
+def llama_state_dict(tensors, config):
+    """gpt.py's state_dict from the tensors of a Llama-style checkpoint (Hugging Face's names), and the
+    tensors left over."""
+    H, Hkv = config.n_head, config.n_kv_head
+    sd = {"wte.weight": take(tensors, "model.embed_tokens.weight")}
+    for i in range(config.n_layer):
+        hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+        q, k, v = (take(tensors, f"{hf}self_attn.{x}_proj.weight") for x in "qkv")
+        sd[ours + "attn.c_attn.weight"] = torch.cat([rope_pairs(q, H), rope_pairs(k, Hkv), v])  # fused
+        if config.qkv_bias:
+            q, k, v = (take(tensors, f"{hf}self_attn.{x}_proj.bias") for x in "qkv")
+            sd[ours + "attn.c_attn.bias"] = torch.cat([rope_pairs(q, H), rope_pairs(k, Hkv), v])
+        sd[ours + "attn.c_proj.weight"] = take(tensors, hf + "self_attn.o_proj.weight")
+        sd[ours + "mlp.w_gate.weight"] = take(tensors, hf + "mlp.gate_proj.weight")
+        sd[ours + "mlp.w_up.weight"] = take(tensors, hf + "mlp.up_proj.weight")
+        sd[ours + "mlp.c_proj.weight"] = take(tensors, hf + "mlp.down_proj.weight")
+        sd[ours + "norm1.weight"] = take(tensors, hf + "input_layernorm.weight")
+        sd[ours + "norm2.weight"] = take(tensors, hf + "post_attention_layernorm.weight")
+        tensors.pop(hf + "self_attn.rotary_emb.inv_freq", None)  # a buffer old files kept: from rope_theta
+    sd["norm_f.weight"] = take(tensors, "model.norm.weight")
+    sd["lm_head.weight"] = head_weight(tensors, sd["wte.weight"], config.tie_weights)
+    return sd, tensors
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -45,10 +45,12 @@ elementwise work over a (b, T, Di, N) state, and the game is never to store that
 
 Layout: Config; the core in PyTorch (selective_scan, selective_scan_ref, selective_scan_chunked); the core
 in Triton (kernels, SelectiveScanTriton, selective_scan_triton); the layers (RMSNorm, Mixer, Block); the
-Model (forward, prefill/step with a recurrent state of (conv window, ssm state) per layer, generate); a
-self-check, `python mamba.py`.
+Model (forward, prefill/step with a recurrent state of (conv window, ssm state) per layer, generate,
+from_pretrained); released checkpoints (Mamba-1, in state-spaces' layout and Hugging Face's, read into this
+file's names); a self-check, `python mamba.py`.
 """
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -624,6 +626,194 @@ class Model(nn.Module):
                        if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False))
         config = self.config
         return 6 * n_matmul + 21 * config.n_layer * config.expand * config.d_model * config.d_state
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, **overrides):
+        """A released Mamba-1 from a Hugging Face hub id, e.g. "state-spaces/mamba-130m" (state-spaces' own
+        layout) or "state-spaces/mamba-130m-hf" (Hugging Face's), fetched once into the hub's cache, or from a
+        local folder in either layout; in fp32, in eval mode. overrides set the Config
+        fields a checkpoint does not fix (kernel, block_size, chunk_size). What mamba.py cannot represent is
+        a ValueError naming it. The section "Released checkpoints" below does the reading."""
+        hf_config, tensors = read_checkpoint(download(path_or_id))
+        model = cls(mamba_config(hf_config, tensors, **overrides))
+        load_weights(model, *mamba_state_dict(tensors, model.config))
+        return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Released checkpoints: Mamba-1 in state-spaces' layout (state-spaces/mamba-130m ... 2.8b) and in Hugging
+# Face's (the -hf repos), read into this file's names. huggingface_hub and safetensors are imported here, only
+# when one is loaded. The readers are gpt.py's.
+
+
+# Copied from gpt.py
+def download(path_or_id):
+    """path_or_id as it is where it exists on disk; else a Hugging Face hub id, "owner/name" (its .json files
+    and its weights: model.safetensors where it has them, else pytorch_model.bin) or "owner/name/file" (that
+    file), fetched once into the hub's cache. Returns the local folder or file."""
+    if os.path.exists(path_or_id):
+        return path_or_id
+    parts = path_or_id.split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"{path_or_id!r} is neither a local folder or file nor a Hugging Face hub id "
+                         f"(owner/name)")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise RuntimeError(f"{path_or_id!r} is not on disk, and fetching it from the Hugging Face hub needs "
+                           f"huggingface_hub: pip install huggingface_hub safetensors tokenizers") from None
+    repo, file = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        if file:
+            return huggingface_hub.hf_hub_download(repo, file)
+        # model*.safetensors: whole or in shards, and not the copy some repos keep in their own format
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "model*.safetensors"])
+        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "pytorch_model*.bin"])
+        return folder
+    except Exception as e:  # offline, no such repository, a gated model: one line for each
+        raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: is "
+                           f"the hub reachable, the name right?); download it where the hub is reachable and "
+                           f"pass its local path") from None
+
+
+# Copied from gpt.py
+def read_checkpoint(folder):
+    """A Hugging Face checkpoint folder: its config.json as a dict, and its tensors by name, from
+    model.safetensors or pytorch_model.bin, whole or in shards (listed by their index.json)."""
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder} has no config.json: pass a Hugging Face checkpoint's folder")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(folder, name + ".index.json")):
+            with open(os.path.join(folder, name + ".index.json")) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(folder, name)):
+            files = [name]
+        else:
+            continue
+        tensors = {}
+        for file in files:
+            if file.endswith(".safetensors"):
+                try:
+                    from safetensors.torch import load_file
+                except ImportError:
+                    raise RuntimeError("reading .safetensors files needs safetensors: pip install "
+                                       "safetensors") from None
+                tensors.update(load_file(os.path.join(folder, file)))
+            else:
+                tensors.update(torch.load(os.path.join(folder, file), map_location="cpu", weights_only=True))
+        return config, tensors
+    raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+# Copied from gpt.py
+def take(tensors, name):
+    """Remove the checkpoint's tensor `name` from tensors and return it; what is never taken is left over."""
+    if name not in tensors:
+        raise ValueError(f"the checkpoint has no tensor {name!r}")
+    return tensors.pop(name)
+
+
+# Copied from gpt.py
+def head_weight(tensors, embedding, tied, name="lm_head.weight"):
+    """The output head: the embedding itself when tied (a saved copy, if any, must equal it), else its own."""
+    if not tied:
+        return take(tensors, name)
+    if name in tensors and not torch.equal(take(tensors, name), embedding):
+        raise ValueError(f"the config ties the head to the embedding, but {name} differs from it")
+    return embedding
+
+
+# Copied from gpt.py
+def load_weights(model, state_dict, leftover):
+    """Copy state_dict, in this file's names, into model. A tensor of the checkpoint that no name took
+    (leftover) is a part this file does not have: an error naming it, never a silent drop."""
+    if leftover:
+        names = sorted(leftover)
+        raise ValueError(f"the checkpoint has {len(names)} tensor(s) this file has no place for: "
+                         f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    own = model.state_dict()
+    for name, tensor in state_dict.items():
+        if tensor.shape != own[name].shape:
+            raise ValueError(f"the checkpoint's tensor for {name} is {tuple(tensor.shape)}, where its config "
+                             f"makes {tuple(own[name].shape)}")
+    model.load_state_dict(state_dict)
+
+
+def mamba_config(hf, tensors, **overrides):
+    """This file's Config from a Mamba-1 checkpoint: its config.json (a dict: state-spaces' own, d_model and
+    ssm_cfg, or Hugging Face's MambaConfig, model_type "mamba") and its tensors, whose shapes give the sizes
+    in both layouts; the config gives what shapes cannot (the norm, the biases, the tie). Anything mamba.py
+    cannot represent is a ValueError naming it. overrides: the fields it leaves (kernel, block_size)."""
+    ssm = hf.get("ssm_cfg") or {}
+    if hf.get("model_type") == "mamba2" or ssm.get("layer") == "Mamba2":
+        raise ValueError("a Mamba-2 checkpoint: mamba.py loads Mamba-1 (model_type 'mamba', or state-spaces' "
+                         "ssm_cfg without layer 'Mamba2')")
+    state_spaces = hf.get("model_type") is None and "d_model" in hf
+    if hf.get("model_type") != "mamba" and not state_spaces:
+        raise ValueError(f"mamba.py loads Mamba-1 checkpoints, not model_type {hf.get('model_type')!r}")
+
+    def size(name, dim):  # a size from a tensor's shape
+        if name not in tensors:
+            raise ValueError(f"the checkpoint has no tensor {name!r}")
+        return tensors[name].size(dim)
+
+    mixer = "backbone.layers.0.mixer."  # the same names in both layouts
+    Di, C = size(mixer + "in_proj.weight", 0) // 2, size(mixer + "in_proj.weight", 1)  # (2 Di, d_model)
+    eps = hf.get("norm_epsilon", 1e-5) if state_spaces else hf.get("layer_norm_epsilon", 1e-5)
+
+    lacks = []
+    if state_spaces and not hf.get("rms_norm", True):
+        lacks.append("LayerNorm (mamba.py's norms are RMSNorm)")
+    if state_spaces and (hf.get("attn_layer_idx") or hf.get("d_intermediate", 0)):
+        lacks.append("attention or MLP layers between the Mamba layers (mamba.py stacks Mamba layers only)")
+    if hf.get("hidden_act", "silu") != "silu":
+        lacks.append(f"hidden_act {hf['hidden_act']!r} (mamba.py uses SiLU)")
+    if ssm.get("bias") or hf.get("use_bias"):
+        lacks.append("biases on in_proj and out_proj (mamba.py has none)")
+    if eps != 1e-5:
+        lacks.append(f"norm eps {eps} (mamba.py's RMSNorms use 1e-5, as every released Mamba)")
+    if not hf.get("tie_embeddings" if state_spaces else "tie_word_embeddings", True):
+        lacks.append("an untied output head (mamba.py ties it to the embedding)")
+    if Di % C:
+        lacks.append(f"an inner width {Di} that is no multiple of d_model {C}")
+    if lacks:
+        raise ValueError(f"this Mamba checkpoint has what mamba.py cannot represent: {'; '.join(lacks)}")
+    fields = dict(
+        vocab_size=size(mamba_embedding(tensors), 0),  # state-spaces pads the vocabulary to a multiple of 8
+        block_size=2048,  # the context the state-spaces models trained at; mamba itself has no limit
+        n_layer=hf["n_layer"] if state_spaces else hf["num_hidden_layers"], d_model=C, expand=Di // C,
+        d_state=size(mixer + "A_log", 1), d_conv=size(mixer + "conv1d.weight", 2),  # (Di, N), (Di, 1, K)
+        dt_rank=size(mixer + "dt_proj.weight", 1))  # (Di, R)
+    return Config(**{**fields, **overrides})
+
+
+def mamba_embedding(tensors):
+    """The embedding's name: Hugging Face's layout says embeddings, state-spaces' embedding."""
+    hf = "backbone.embeddings.weight"
+    return hf if hf in tensors else "backbone.embedding.weight"
+
+
+def mamba_state_dict(tensors, config):
+    """This file's state_dict from the tensors of a Mamba-1 checkpoint (state-spaces' or Hugging Face's names,
+    the same but for the embedding), and the tensors left over. The conv's taps come as nn.Conv1d keeps them,
+    (Di, 1, K), and go in as (K, Di); dt_proj's bias is dt_bias here."""
+    Di = config.expand * config.d_model
+    sd = {"wte.weight": take(tensors, mamba_embedding(tensors))}
+    for i in range(config.n_layer):
+        hf, ours = f"backbone.layers.{i}.", f"blocks.{i}."
+        sd[ours + "norm.weight"] = take(tensors, hf + "norm.weight")
+        for name in ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "A_log", "D", "out_proj.weight"):
+            sd[ours + "mixer." + name] = take(tensors, hf + "mixer." + name)
+        sd[ours + "mixer.conv_weight"] = take(tensors, hf + "mixer.conv1d.weight")[:, 0].t()  # (K, Di)
+        bias = hf + "mixer.conv1d.bias"  # use_conv_bias=False saves none: the same as zeros
+        sd[ours + "mixer.conv_bias"] = take(tensors, bias) if bias in tensors else torch.zeros(Di)
+        sd[ours + "mixer.dt_bias"] = take(tensors, hf + "mixer.dt_proj.bias")
+    sd["norm_f.weight"] = take(tensors, "backbone.norm_f.weight")
+    sd["lm_head.weight"] = head_weight(tensors, sd["wte.weight"], tied=True)
+    return sd, tensors
 
 
 # ---------------------------------------------------------------------------------------------------

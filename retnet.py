@@ -111,6 +111,7 @@ class Config:
     ffn_hidden: int = 256  # the paper's 2 * d_model
     rope_theta: float = 10000.0
     tie_weights: bool = True  # lm_head shares the token embedding matrix
+    norm_eps: float = 1e-6  # the block norms' eps (a field because Model.__init__ is gpt.py's)
 
     def __post_init__(self):
         if self.kernel not in ("torch", "triton"):
@@ -521,8 +522,8 @@ class FFN(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.norm1, self.msr = RMSNorm(config.d_model), MultiScaleRetention(config)
-        self.norm2, self.ffn = RMSNorm(config.d_model), FFN(config)
+        self.norm1, self.msr = RMSNorm(config.d_model, config.norm_eps), MultiScaleRetention(config)
+        self.norm2, self.ffn = RMSNorm(config.d_model, config.norm_eps), FFN(config)
 
     def forward(self, x, rope, state=None):
         y, state = self.msr(self.norm1(x), rope, state)
@@ -542,7 +543,7 @@ class Model(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = RMSNorm(config.d_model)
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight

@@ -51,7 +51,8 @@ The core is `wkv7(r, w, k, v, a, b, state, kernel=..., chunk_size=64)`:
 
 Layout: Config; the core in PyTorch (wkv7, wkv7_ref, wkv7_chunked); the core in Triton (kernels,
 WKV7Triton, wkv7_triton); the layers (TimeMix, ChannelMix, Block); the Model (forward, prefill/step with a
-recurrent state whose size does not grow with the context, generate); a self-check, `python rwkv.py`.
+recurrent state whose size does not grow with the context, generate, from_pretrained); released checkpoints
+(the official RWKV-7 .pth, read into this file's names); a self-check, `python rwkv.py`.
 Not here: the official trainer's L2Wrap (an extra gradient on the largest logit); the loss is plain
 cross-entropy as in every nanozoo model.
 """
@@ -94,6 +95,13 @@ class Config:
     head_size: int = 64
     chunk_size: int = 64  # L, tokens per chunk of the torch core, 1..64 (see __post_init__)
     ffn_mult: int = 4  # ChannelMix width = ffn_mult * d_model
+    # The LoRA ranks of the decay, the in-context learning rate, the value residual and the gate (the official
+    # D_DECAY_LORA, D_AAA_LORA, D_MV_LORA, D_GATE_LORA); 0: the official rule from d_model (lora_rank). The
+    # released models fix their own (the 1.5B's decay rank is 96 where the rule gives 128).
+    decay_lora: int = 0
+    aaa_lora: int = 0
+    mv_lora: int = 0
+    gate_lora: int = 0
 
     def __post_init__(self):
         if self.kernel not in ("torch", "triton"):
@@ -392,13 +400,13 @@ class TimeMix(nn.Module):
 
         # 3. The decay, the in-context learning rate, the value residual and the gate: a bias and a LoRA pair.
         self.w0 = nn.Parameter(-6 + 6 * (c / (C - 1)) ** (1 + r01 ** 0.3) + 0.5 + 2.5 * zigzag)
-        self.w1, self.w2 = lora(C, lora_rank(2.5, C))
+        self.w1, self.w2 = lora(C, config.decay_lora or lora_rank(2.5, C))
         self.a0 = nn.Parameter(-0.19 + 0.3 * zigzag + 0.4 * linear)
-        self.a1, self.a2 = lora(C, lora_rank(2.5, C))
+        self.a1, self.a2 = lora(C, config.aaa_lora or lora_rank(2.5, C))
         if layer_id > 0:  # layer 0's v is v_first itself
             self.v0 = nn.Parameter(0.73 - 0.4 * linear)
-            self.v1, self.v2 = lora(C, lora_rank(1.7, C))
-        self.g1, self.g2 = lora(C, lora_rank(5.0, C))
+            self.v1, self.v2 = lora(C, config.mv_lora or lora_rank(1.7, C))
+        self.g1, self.g2 = lora(C, config.gate_lora or lora_rank(5.0, C))
 
         # 4. The keys' scales and the bonus.
         self.k_k = nn.Parameter(0.71 - 0.1 * linear)  # xi: scales k into the removal key
@@ -587,6 +595,141 @@ class Model(nn.Module):
         n_matmul = sum(p.numel() for name, p in self.named_parameters() if name.split(".")[-1] in low_rank
                        or (name.endswith(".weight") and p.dim() == 2 and name != "emb.weight"))
         return 6 * n_matmul + 30 * self.config.n_layer * self.config.d_model * self.config.head_size
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, **overrides):
+        """A released RWKV-7 from its official .pth file: a local path, or one on the Hugging Face hub named
+        owner/name/file, e.g. "BlinkDL/rwkv-7-world/RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth" (fetched
+        once into the hub's cache); in fp32, in eval mode. overrides set the Config fields a checkpoint does
+        not fix (kernel, block_size, chunk_size). What rwkv.py cannot represent is a ValueError naming it. The
+        section "Released checkpoints" below does the reading."""
+        path = download(path_or_id)
+        if not (os.path.isfile(path) and path.endswith(".pth")):
+            raise ValueError(f"{path_or_id!r} is no .pth file: rwkv.py loads an official RWKV-7 .pth (a "
+                             f"local path, or owner/name/file.pth on the hub)")
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(rwkv7_config(tensors, **overrides))
+        load_weights(model, *rwkv7_state_dict(tensors, model.config))
+        return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Released checkpoints: the official RWKV-7 (x070) .pth files (BlinkDL/rwkv-7-world, RWKV-7 G1, ...), read
+# into this file's names. huggingface_hub is imported here, only when one is fetched from the hub. The readers
+# are gpt.py's.
+
+
+# Copied from gpt.py
+def download(path_or_id):
+    """path_or_id as it is where it exists on disk; else a Hugging Face hub id, "owner/name" (its .json files
+    and its weights: model.safetensors where it has them, else pytorch_model.bin) or "owner/name/file" (that
+    file), fetched once into the hub's cache. Returns the local folder or file."""
+    if os.path.exists(path_or_id):
+        return path_or_id
+    parts = path_or_id.split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"{path_or_id!r} is neither a local folder or file nor a Hugging Face hub id "
+                         f"(owner/name)")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise RuntimeError(f"{path_or_id!r} is not on disk, and fetching it from the Hugging Face hub needs "
+                           f"huggingface_hub: pip install huggingface_hub safetensors tokenizers") from None
+    repo, file = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        if file:
+            return huggingface_hub.hf_hub_download(repo, file)
+        # model*.safetensors: whole or in shards, and not the copy some repos keep in their own format
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "model*.safetensors"])
+        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+            folder = huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "pytorch_model*.bin"])
+        return folder
+    except Exception as e:  # offline, no such repository, a gated model: one line for each
+        raise RuntimeError(f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: is "
+                           f"the hub reachable, the name right?); download it where the hub is reachable and "
+                           f"pass its local path") from None
+
+
+# Copied from gpt.py
+def take(tensors, name):
+    """Remove the checkpoint's tensor `name` from tensors and return it; what is never taken is left over."""
+    if name not in tensors:
+        raise ValueError(f"the checkpoint has no tensor {name!r}")
+    return tensors.pop(name)
+
+
+# Copied from gpt.py
+def load_weights(model, state_dict, leftover):
+    """Copy state_dict, in this file's names, into model. A tensor of the checkpoint that no name took
+    (leftover) is a part this file does not have: an error naming it, never a silent drop."""
+    if leftover:
+        names = sorted(leftover)
+        raise ValueError(f"the checkpoint has {len(names)} tensor(s) this file has no place for: "
+                         f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    own = model.state_dict()
+    for name, tensor in state_dict.items():
+        if tensor.shape != own[name].shape:
+            raise ValueError(f"the checkpoint's tensor for {name} is {tuple(tensor.shape)}, where its config "
+                             f"makes {tuple(own[name].shape)}")
+    model.load_state_dict(state_dict)
+
+
+def rwkv7_config(tensors, **overrides):
+    """This file's Config from the tensors of an official x070 .pth (it has no config: the shapes are it).
+    Anything rwkv.py cannot represent is a ValueError naming it. overrides: the fields it leaves (kernel,
+    block_size, chunk_size)."""
+    if "blocks.0.att.k_a" not in tensors or "blocks.0.att.r_k" not in tensors:
+        raise ValueError("not an RWKV-7 (x070) checkpoint: it has no blocks.0.att.k_a and r_k (RWKV-4, 5 and "
+                         "6 have other tensors; rwkv.py is RWKV-7)")
+
+    def size(name, dim):  # a size from a tensor's shape
+        if name not in tensors:
+            raise ValueError(f"the checkpoint has no tensor {name!r}")
+        return tensors[name].size(dim)
+
+    C = size("emb.weight", 1)
+    ffn = size("blocks.0.ffn.key.weight", 0)  # (ffn_mult * C, C)
+    if ffn % C:
+        raise ValueError(f"a ChannelMix width {ffn} that is no multiple of d_model {C} (rwkv.py's is "
+                         f"ffn_mult * d_model)")
+    n_layer = 1 + max(int(name.split(".")[1]) for name in tensors if name.startswith("blocks."))
+    last = f"blocks.{n_layer - 1}.att."  # the LoRA ranks from the last layer (layer 0 has no value residual)
+    fields = dict(vocab_size=size("emb.weight", 0), d_model=C, n_layer=n_layer,
+                  block_size=4096,  # the context the RWKV-7 World models trained at; an RNN has no limit
+                  head_size=size("blocks.0.att.r_k", 1), ffn_mult=ffn // C,  # r_k: (H, N)
+                  decay_lora=size(last + "w1", 1), aaa_lora=size(last + "a1", 1),  # w1, a1, v1, g1: (C, rank)
+                  mv_lora=size(last + "v1", 1) if n_layer > 1 else 0, gate_lora=size(last + "g1", 1))
+    return Config(**{**fields, **overrides})
+
+
+def rwkv7_state_dict(tensors, config):
+    """This file's state_dict from the tensors of an official x070 .pth, and the tensors left over. The
+    official file keeps each mix and bias as (1, 1, C), the six token-shift mixes x_r ... x_g apart (here one
+    (6, C) mu), ChannelMix's as x_k (here mu_k), and ln0 in block 0 (here the model's)."""
+    tensors = dict(tensors)
+    sd = {"emb.weight": take(tensors, "emb.weight"),
+          "ln0.weight": take(tensors, "blocks.0.ln0.weight"), "ln0.bias": take(tensors, "blocks.0.ln0.bias")}
+    same = ["ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "ffn.key.weight", "ffn.value.weight"]
+    same += [f"att.{name}.weight" for name in ("receptance", "key", "value", "output", "ln_x")]
+    same += ["att.ln_x.bias", "att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2", "att.r_k"]
+    for i in range(config.n_layer):
+        b = f"blocks.{i}."
+        for name in same:
+            sd[b + name] = take(tensors, b + name)
+        for name in ("att.w0", "att.a0", "att.k_k", "att.k_a"):
+            sd[b + name] = take(tensors, b + name).flatten()  # (1, 1, C) -> (C,)
+        sd[b + "att.mu"] = torch.cat([take(tensors, f"{b}att.x_{c}").view(1, -1) for c in "rwkvag"])  # (6, C)
+        sd[b + "ffn.mu_k"] = take(tensors, b + "ffn.x_k").flatten()
+        if i == 0:  # layer 0's v is v_first itself: its v0, v1, v2 (files have them) go unused, as officially
+            for name in ("att.v0", "att.v1", "att.v2"):
+                tensors.pop(b + name, None)
+        else:
+            sd[b + "att.v0"] = take(tensors, b + "att.v0").flatten()
+            sd[b + "att.v1"] = take(tensors, b + "att.v1")
+            sd[b + "att.v2"] = take(tensors, b + "att.v2")
+    for name in ("ln_out.weight", "ln_out.bias", "head.weight"):
+        sd[name] = take(tensors, name)
+    return sd, tensors
 
 
 # ---------------------------------------------------------------------------------------------------

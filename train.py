@@ -4,6 +4,7 @@ train.py: one training loop for every model in nanozoo.
     python train.py --model gpt                      # the default model on the default data: minutes on a CPU
     python train.py --model mamba --kernel triton    # every Config field of the model is a flag
     python train.py --model gpt --resume             # continue the run saved in --out_dir
+    python train.py --init_from HuggingFaceTB/SmolLM2-135M --dataset shakespeare   # fine-tune a released one
     torchrun --standalone --nproc_per_node 2 train.py --model gpt    # data parallel (DDP)
 
 nanoGPT's loop and flag names: AdamW with weight decay on matrices only, linear warmup then cosine decay,
@@ -15,13 +16,17 @@ The model file is loaded by path and used only through its contract (Config, Mod
 main() runs six phases, each a function defined above it in this order: the settings, the device, the
 data, the model and optimizer, the log, then the training loop (inline, in main) and the finish (plot,
 sample). bench.py trains with the same optimizer, schedule, evaluation and autocast (configure_optimizer,
-get_lr, estimate_loss, autocast_for).
+get_lr, estimate_loss, autocast_for). --init_from starts from a released checkpoint instead of random weights
+(its own section, after the data's: which model file, the weights, the tokenizer; sample.py uses it too).
 """
 
 import argparse
+import ast
 import copy
 import dataclasses
 import functools
+import hashlib
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -64,10 +69,21 @@ SETTINGS = {
     "compile": (False, "torch.compile the model"),
     "sample_tokens": (500, "length of the sample written at the end; 0 skips it"),
     "threads": (0, "CPU threads for torch; 0: picked from the free cores as the run goes (timed probes)"),
+    "init_from": (None, "fine-tune a released checkpoint: a Hugging Face hub id, a local folder or a .pth "
+                        "file (README: Released models)"),
 }
 
 
-NONE_TYPES = {"min_lr": float, "lr_decay_iters": int}  # the type of the settings whose default is None
+NONE_TYPES = {"min_lr": float, "lr_decay_iters": int, "init_from": str}  # the settings whose default is None
+
+# --init_from: the settings not typed take nanoGPT's for fine-tuning (its config/finetune_shakespeare.py: a
+# few steps at a small constant learning rate), with 20 eval batches and a context of 256 (for a CPU too;
+# the checkpoint's, where shorter).
+FINETUNE = {"learning_rate": 3e-5, "decay_lr": False, "max_iters": 20, "eval_interval": 5, "eval_iters": 20,
+            "batch_size": 1, "gradient_accumulation_steps": 32}
+FINETUNE_BLOCK_SIZE = 256
+# The Config fields a fine-tuning run may set: they leave the checkpoint's function as it is.
+FREE_FIELDS = ("kernel", "block_size", "chunk_size", "aux_loss_coef", "z_loss_coef", "bias_gamma")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,19 +150,32 @@ def build_parser(module, model_name):
 
 
 def parse_args(argv):
-    """Two passes: --model picks the model file, whose Config fields then become flags. Returns the parsed
-    flags, the names of those typed on the command line, and the model's module."""
+    """Two passes: --model (or the checkpoint of --init_from) picks the model file, whose Config fields then
+    become flags. Returns the parsed flags, the names of those typed on the command line, and the model's
+    module."""
     pre = Parser(prog="train.py", add_help=False)
-    pre.add_argument("--model", default="gpt")
+    pre.add_argument("--model", default=None)
     pre.add_argument("--kernel", default=None)
+    pre.add_argument("--init_from", default=None)
+    pre.add_argument("--resume", action="store_true")
     known, _ = pre.parse_known_args(argv)
+    if known.init_from and known.resume:
+        raise UsageError("--init_from and --resume: a resumed run continues from its ckpt.pt; give one")
+    pretrained = pretrained_source(known.init_from) if known.init_from else None
+    if pretrained and known.model not in (None, pretrained[0]):
+        raise UsageError(f"--init_from {known.init_from} is a checkpoint for {pretrained[0]}.py, not "
+                         f"--model {known.model}")
+    known.model = pretrained[0] if pretrained else known.model or "gpt"
     no_gpu = os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()
     if known.kernel == "triton" and no_gpu:
         os.environ["TRITON_INTERPRET"] = "1"  # must be set before the model file defines its kernels
         print("note: no CUDA GPU, so the Triton kernels run in Triton's interpreter: exact but very slow "
               "(for reading and debugging, not training)")
     module = load_model_module(known.model)
+    if known.init_from == "":
+        raise UsageError("--init_from is empty; give a Hugging Face hub id, a local folder or a .pth file")
     args = build_parser(module, known.model).parse_args(argv)
+    args.model, args.pretrained = known.model, pretrained
     given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # exact names: no abbreviations
     return args, given, module
 
@@ -210,7 +239,14 @@ def read_settings(args, given, module):
                                  f"{k}={ckpt['model_config'][k]}; a resumed run keeps its model (only "
                                  f"--kernel may change)")
         model_config = {**ckpt["model_config"], "kernel": model_config["kernel"]}
-    if model_config["kernel"] == "triton" and importlib.util.find_spec("triton") is None:
+    elif args.init_from:
+        settings.update({k: v for k, v in FINETUNE.items() if k not in given})
+        fixed = sorted(k for k in model_config if k in given and k not in FREE_FIELDS)
+        if fixed:
+            raise UsageError(f"--{fixed[0]} comes from the checkpoint of --init_from; a fine-tuning run may "
+                             f"set only {', '.join('--' + k for k in FREE_FIELDS)}")
+        model_config = {k: v for k, v in model_config.items() if k in given}  # the overrides
+    if model_config.get("kernel", "torch") == "triton" and importlib.util.find_spec("triton") is None:
         raise UsageError("--kernel triton needs the triton package (Linux only): pip install triton, or use "
                          "--kernel torch")
     return resolve_settings(settings), model_config, ckpt
@@ -283,7 +319,8 @@ def validate(argv):
     dtype = pick_dtype(s["dtype"], device)
     find_dataset(s["dataset"])
     check_out_dir(s["out_dir"], args.resume)
-    check_model(module, model_config, s, device)
+    if not args.pretrained:  # a released checkpoint's config is its own: from_pretrained checks it
+        check_model(module, model_config, s, device)
     return args, given, module, s, model_config, ckpt, device, dtype
 
 
@@ -486,9 +523,17 @@ def vocab_size_for(meta):
     return 50304 if meta.get("tokenizer") == "gpt2" else meta["vocab_size"]
 
 
+@functools.lru_cache(maxsize=None)
+def token_dtype(folder):
+    """The dtype of a dataset's token files: nanoGPT's uint16, or the uint32 its meta.pkl names (a released
+    checkpoint's vocabulary over 65,536, e.g. Qwen2's 151,936)."""
+    with open(os.path.join(folder, "meta.pkl"), "rb") as f:
+        return np.dtype(pickle.load(f).get("dtype", "uint16"))
+
+
 def get_batch(folder, split, batch_size, block_size, generator, device):
     # A new memmap each call: a long-lived one leaks memory (as nanoGPT notes).
-    data = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+    data = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=token_dtype(folder), mode="r")
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
@@ -498,20 +543,38 @@ def get_batch(folder, split, batch_size, block_size, generator, device):
 
 
 class Tokenizer:
-    """encode/decode for a dataset: its character vocabulary, or the GPT-2 BPE."""
+    """encode/decode for a dataset or a checkpoint, from its meta: a character vocabulary, GPT-2's BPE, a
+    released checkpoint's own Hugging Face tokenizer.json (through the tokenizers package), or the RWKV World
+    vocabulary (WorldTokenizer)."""
 
     def __init__(self, meta):
         self.meta = meta
-        if meta.get("tokenizer") == "gpt2":
+        self.kind = meta.get("tokenizer")
+        if self.kind == "gpt2":
             path = os.path.join(ROOT, "data", "shakespeare", "prepare.py")
             spec = importlib.util.spec_from_file_location("shakespeare_prepare", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             self.enc = module.gpt2_encoding()
+        elif self.kind == "hf":
+            try:
+                import tokenizers
+            except ImportError:
+                raise UsageError("a released checkpoint's tokenizer.json needs the tokenizers package: pip "
+                                 "install tokenizers") from None
+            self.enc = tokenizers.Tokenizer.from_str(meta["tokenizer_json"])
+        elif self.kind == "rwkv_world":
+            self.enc = WorldTokenizer(meta["vocab"])
 
-    def encode(self, text):
-        if self.meta.get("tokenizer") == "gpt2":
+    def encode(self, text, special=True):
+        """Token ids of text. special: with the tokens a checkpoint's tokenizer adds around a text (e.g.
+        Llama's <s> in front), as for a prompt; a dataset is encoded without them."""
+        if self.kind == "gpt2":
             return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        if self.kind == "hf":
+            return self.enc.encode(text, add_special_tokens=special).ids
+        if self.kind == "rwkv_world":
+            return self.enc.encode(text)
         missing = sorted(set(text) - set(self.meta["stoi"]))
         if missing:
             raise UsageError(f"the prompt has characters outside the model's vocabulary: "
@@ -519,20 +582,64 @@ class Tokenizer:
         return [self.meta["stoi"][c] for c in text]
 
     def decode(self, ids):
-        if self.meta.get("tokenizer") == "gpt2":
+        if self.kind in ("gpt2", "rwkv_world"):
             return self.enc.decode(ids)
+        if self.kind == "hf":
+            return self.enc.decode(ids, skip_special_tokens=True)
         return "".join(self.meta["itos"][i] for i in ids)
 
 
-def open_data(s, model_config, given, ckpt, ddp, master):
+class WorldTokenizer:
+    """The RWKV World tokenizer, RWKV-7's: a vocabulary of byte strings (rwkv_vocab_v20230424.txt, one
+    "id repr(token) length" a line, ids 1 ... 65529; 0 is the end of a text), and RWKV's own rule for
+    encoding (its TRIE_TOKENIZER): at each position the longest token that matches the bytes there. A trie
+    of dicts finds it in one walk; every single byte is a token, so there is always a match."""
+
+    def __init__(self, vocab):
+        self.tokens = {}  # id -> bytes
+        self.trie = {}  # byte -> subtrie; the key None holds the id of the token that ends there
+        for line in vocab.splitlines():
+            i, token = int(line[:line.index(" ")]), ast.literal_eval(line[line.index(" "):line.rindex(" ")])
+            self.tokens[i] = token.encode("utf-8") if isinstance(token, str) else token
+            node = self.trie
+            for byte in self.tokens[i]:
+                node = node.setdefault(byte, {})
+            node[None] = i
+
+    def encode(self, text):
+        data, ids, start = text.encode("utf-8"), [], 0
+        while start < len(data):
+            node, end = self.trie, start
+            for pos in range(start, len(data)):
+                node = node.get(data[pos])
+                if node is None:
+                    break
+                if None in node:
+                    match, end = node[None], pos + 1
+            ids.append(match)
+            start = end
+        return ids
+
+    def decode(self, ids):
+        return b"".join(self.tokens.get(i, b"") for i in ids).decode("utf-8", errors="replace")
+
+
+def open_data(s, model_config, given, ckpt, ddp, master, tokenizer=None):
     """The dataset's folder and vocabulary (rank 0 prepares it on first use); sets the model's vocab_size
-    from it on a fresh run."""
+    from it on a fresh run. tokenizer: a released checkpoint's (its meta), the one a fine-tuning run's
+    dataset is encoded with (tokenized_dataset); the model's vocab_size is then the checkpoint's."""
+    load = functools.partial(tokenized_dataset, meta=tokenizer) if tokenizer else load_dataset
     if master:
-        load_dataset(s["dataset"])
+        load(s["dataset"])
     if ddp:
         import torch.distributed as dist
         dist.barrier()  # rank 0 prepares the data once
-    folder, meta = load_dataset(s["dataset"], prepare=False)
+    folder, meta = load(s["dataset"], prepare=False)
+    if tokenizer:
+        if meta["vocab_size"] > model_config["vocab_size"]:
+            raise UsageError(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than the model's "
+                             f"({model_config['vocab_size']})")
+        return folder, meta
     if ckpt is not None and ckpt["meta"] != meta:
         dataset = ckpt["settings"]["dataset"]
         raise UsageError(f"{os.path.join(s['out_dir'], 'ckpt.pt')} was trained on another vocabulary "
@@ -543,6 +650,168 @@ def open_data(s, model_config, given, ckpt, ddp, master):
     if "vocab_size" not in given and ckpt is None:
         model_config["vocab_size"] = vocab_size_for(meta)
     return folder, meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# --init_from: a released checkpoint's model file, weights and tokenizer (phases 1, 3 and 4; and sample.py)
+
+
+# Hugging Face's model types, and the file that loads each (its from_pretrained checks the rest)
+PRETRAINED = {"llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "mamba": "mamba", "mamba2": "mamba",
+              "mixtral": "moe"}
+RWKV_VOCAB = "rwkv_vocab_v20230424.txt"  # the RWKV World vocabulary: in the rwkv package, sha256 below
+RWKV_VOCAB_SHA256 = "8324476023347dec2964625ccb2075c864d250a9c6d9a74f36daba628de8c008"
+RWKV_PACKAGE = "rwkv==0.8.32"
+
+
+def hub_fetch(name, patterns):
+    """A Hugging Face hub repository's files matching patterns, fetched once into the hub's cache: their
+    local folder. An unreachable hub is one line that says how to pass a local path instead."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UsageError(f"{name!r} is not a local path, and fetching it from the Hugging Face hub needs "
+                         f"huggingface_hub: pip install huggingface_hub safetensors tokenizers") from None
+    try:
+        return huggingface_hub.snapshot_download(name, allow_patterns=patterns)
+    except Exception as e:  # offline, no such repository, a gated model
+        raise UsageError(f"cannot fetch {name!r} from the Hugging Face hub ({type(e).__name__}: is the hub "
+                         f"reachable, the name right?); download it where the hub is reachable and pass its "
+                         f"local folder: --init_from path/to/folder") from None
+
+
+def pretrained_source(init_from):
+    """(model file, local folder or None) of a released checkpoint: a .pth is RWKV-7's (rwkv.py); a Hugging
+    Face folder (local, or a hub id whose .json files are fetched: config and tokenizer; the model file's
+    from_pretrained fetches the weights) goes by its config.json's model_type, state-spaces' Mamba by its
+    d_model and ssm_cfg."""
+    if init_from.endswith(".pth"):
+        return "rwkv", os.path.dirname(init_from) if os.path.exists(init_from) else None
+    folder = init_from if os.path.isdir(init_from) else None
+    if folder is None and (os.path.exists(init_from) or len(init_from.strip("/").split("/")) != 2):
+        raise UsageError(f"--init_from {init_from}: neither a checkpoint folder, a .pth file nor a Hugging "
+                         f"Face hub id (owner/name)")
+    folder = folder or hub_fetch(init_from, ["*.json"])
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        raise UsageError(f"--init_from {init_from}: no readable config.json in {folder}") from None
+    kind = config.get("model_type")
+    if kind is None and "d_model" in config and "ssm_cfg" in config:
+        return "mamba", folder  # state-spaces' own layout
+    if kind not in PRETRAINED:
+        raise UsageError(f"--init_from {init_from} is a {kind!r} checkpoint; nanozoo loads "
+                         f"{', '.join(k for k in PRETRAINED if PRETRAINED[k] == 'gpt')} (gpt.py), mamba "
+                         f"(mamba.py), mixtral (moe.py) and RWKV-7 .pth files (rwkv.py)")
+    return PRETRAINED[kind], folder
+
+
+def load_pretrained(module, init_from, overrides):
+    """The model file's from_pretrained, its one-line errors as a UsageError."""
+    try:
+        return module.Model.from_pretrained(init_from, **overrides)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--init_from {init_from}: {e}") from None
+
+
+def pretrained_tokenizer(model, folder):
+    """The meta (tokenizer_meta) of a released checkpoint's own tokenizer: the tokenizer.json in its folder;
+    for state-spaces' Mamba, which ship none, GPT-NeoX's (EleutherAI/gpt-neox-20b), which they were trained
+    with; for RWKV-7, the World vocabulary (rwkv_world_vocab)."""
+    if model == "rwkv":
+        return tokenizer_meta(rwkv_world_vocab(folder))
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(path) and model == "mamba":
+        path = os.path.join(hub_fetch("EleutherAI/gpt-neox-20b", ["tokenizer.json"]), "tokenizer.json")
+    if not os.path.exists(path):
+        raise UsageError(f"{folder} has no tokenizer.json (the checkpoint's tokenizer, which --init_from "
+                         f"needs; a sentencepiece tokenizer.model alone is not read)")
+    return tokenizer_meta(path)
+
+
+def rwkv_world_vocab(folder=None):
+    """The RWKV World vocabulary's path: beside the checkpoint, in the installed rwkv package, in data/, or
+    else taken from the rwkv package on the Python package index (the way data/shakespeare's GPT-2 ranks
+    come), its sha256 checked."""
+    here = [os.path.join(folder, RWKV_VOCAB)] if folder else []
+    # the installed package, found without importing it, and past this repository's own rwkv.py
+    elsewhere = [p for p in sys.path if os.path.abspath(p) != ROOT]
+    spec = importlib.machinery.PathFinder.find_spec("rwkv", elsewhere)
+    if spec is not None and spec.submodule_search_locations:
+        here.append(os.path.join(list(spec.submodule_search_locations)[0], RWKV_VOCAB))
+    cached = os.path.join(ROOT, "data", RWKV_VOCAB)
+    for path in here + [cached]:
+        if os.path.exists(path):
+            return path
+    import tempfile
+    import zipfile
+    print(f"fetching the RWKV World vocabulary from {RWKV_PACKAGE} on the Python package index...")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+               "-d", tmp, RWKV_PACKAGE]
+        if subprocess.run(cmd).returncode != 0:
+            raise UsageError(f"could not download {RWKV_PACKAGE} for its vocabulary; put {RWKV_VOCAB} beside "
+                             f"the .pth")
+        (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl")]
+        data = zipfile.ZipFile(wheel).read(f"rwkv/{RWKV_VOCAB}")
+    if hashlib.sha256(data).hexdigest() != RWKV_VOCAB_SHA256:
+        raise UsageError(f"{RWKV_VOCAB} from {RWKV_PACKAGE} does not have the expected sha256")
+    with open(cached + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(cached + ".tmp", cached)
+    return cached
+
+
+def tokenizer_meta(path):
+    """A dataset's meta for a checkpoint's tokenizer file, its whole text inside (so that a checkpoint
+    carries its tokenizer): a Hugging Face tokenizer.json, or the RWKV World vocabulary (a .txt)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        meta = {"tokenizer": "hf", "tokenizer_json": text}
+        meta["vocab_size"] = Tokenizer(meta).enc.get_vocab_size()
+    else:
+        meta = {"tokenizer": "rwkv_world", "vocab": text}
+        meta["vocab_size"] = 1 + max(int(line.split(" ", 1)[0]) for line in text.splitlines())
+    return meta
+
+
+def tokenized_dataset(name, meta, prepare=True):
+    """A dataset encoded with a released checkpoint's tokenizer (its meta): data/<name>/<kind>-<sha256>/,
+    prepared on first use by data/<name>/prepare.py --tokenizer FILE, FILE the tokenizer written there from
+    meta; or a folder path whose meta.pkl has that tokenizer."""
+    text = meta["tokenizer_json"] if meta["tokenizer"] == "hf" else meta["vocab"]
+    if os.sep in name or "/" in name:
+        folder, data_meta = load_dataset(name, prepare)
+        if data_meta.get("tokenizer") != meta["tokenizer"] or data_meta.get(
+                "tokenizer_json", data_meta.get("vocab")) != text:
+            raise UsageError(f"{name} was not encoded with the checkpoint's tokenizer; pass a dataset of "
+                             f"data/ (e.g. --dataset shakespeare), which is then encoded with it")
+        return folder, data_meta
+    prepare_py = os.path.join(ROOT, "data", name, "prepare.py")
+    if not os.path.exists(prepare_py):
+        load_dataset(name)  # says which datasets there are
+    with open(prepare_py) as f:
+        if "--tokenizer" not in f.read():
+            raise UsageError(f"dataset {name!r} cannot be encoded with a checkpoint's tokenizer (its "
+                             f"prepare.py takes no --tokenizer: it is character-level); use --dataset "
+                             f"shakespeare")
+    sha = hashlib.sha256(text.encode()).hexdigest()[:12]
+    folder = os.path.join(ROOT, "data", name, f"{meta['tokenizer']}-{sha}")
+    if not os.path.exists(os.path.join(folder, "val.bin")):
+        if not prepare:
+            raise UsageError(f"dataset {name!r} is not prepared for this tokenizer")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "tokenizer.json" if meta["tokenizer"] == "hf" else RWKV_VOCAB)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"preparing dataset {name} with the checkpoint's tokenizer (first use): python "
+              f"data/{name}/prepare.py --tokenizer {os.path.relpath(path, ROOT)}")
+        if subprocess.run([sys.executable, prepare_py, "--tokenizer", path]).returncode != 0:
+            raise SystemExit(f"error: preparing dataset {name!r} failed (see above)")
+    with open(os.path.join(folder, "meta.pkl"), "rb") as f:
+        return folder, pickle.load(f)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -640,13 +909,14 @@ def estimate_loss(model, folder, batch_size, block_size, eval_iters, device, aut
     return out
 
 
-def build_training(module, model_config, s, ckpt, device, dtype, rank, ddp, local_rank, log):
-    """The model (from the checkpoint on --resume), its compiled / DDP wrapper, the optimizer, the grad
-    scaler and the training batches' own random generator (resumable)."""
+def build_training(module, model_config, s, ckpt, device, dtype, rank, ddp, local_rank, log, weights=None):
+    """The model (from the checkpoint on --resume; from `weights`, a released checkpoint's, on --init_from),
+    its compiled / DDP wrapper, the optimizer, the grad scaler and the training batches' own random generator
+    (resumable)."""
     torch.manual_seed(s["seed"] + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    raw_model = build_model(module, model_config, ckpt["model"] if ckpt else None).to(device)
+    raw_model = build_model(module, model_config, ckpt["model"] if ckpt else weights).to(device)
     train_gen = torch.Generator().manual_seed(s["seed"] + rank)
     optimizer = configure_optimizer(raw_model, s, device)
     if ckpt is not None:
@@ -759,7 +1029,7 @@ def finish(model_name, raw_model, s, meta, log_path, device, autocast, log):
         return ["loss.png"]
     tok = Tokenizer(meta)
     torch.manual_seed(s["seed"])
-    newline = meta.get("tokenizer") == "gpt2" or "\n" in meta["stoi"]
+    newline = "stoi" not in meta or "\n" in meta["stoi"]  # every BPE has a newline
     start_ids = torch.tensor([tok.encode("\n") if newline else [0]], device=device)
     raw_model.eval()
     with autocast:
@@ -782,11 +1052,21 @@ def main(argv):
     ddp, rank, local_rank, world, device = start_device(device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    folder, meta = open_data(s, model_config, given, ckpt, ddp, master)
+    weights, tokenizer = None, None
+    if args.pretrained:  # --init_from: the checkpoint's config, weights and tokenizer (its dataset's)
+        log(f"loading {s['init_from']} into {args.model}.py")
+        pretrained = load_pretrained(module, s["init_from"], model_config)  # model_config: the overrides
+        model_config, weights = dataclasses.asdict(pretrained.config), pretrained.state_dict()
+        if "block_size" not in given:  # a short context for fine-tuning, within the checkpoint's
+            model_config["block_size"] = min(FINETUNE_BLOCK_SIZE, model_config["block_size"])
+        tokenizer = pretrained_tokenizer(args.model, args.pretrained[1])
+    elif ckpt is not None and ckpt["meta"].get("tokenizer") in ("hf", "rwkv_world"):
+        tokenizer = ckpt["meta"]  # a fine-tuning run, resumed: its data is in its checkpoint's tokenizer
+    folder, meta = open_data(s, model_config, given, ckpt, ddp, master, tokenizer)
 
     # 4. Model and optimizer
-    model, raw_model, optimizer, scaler, train_gen = build_training(module, model_config, s, ckpt, device,
-                                                                    dtype, rank, ddp, local_rank, log)
+    model, raw_model, optimizer, scaler, train_gen = build_training(
+        module, model_config, s, ckpt, device, dtype, rank, ddp, local_rank, log, weights)
     config = raw_model.config
     autocast = autocast_for(device, dtype)
 

@@ -7,7 +7,15 @@ that ship as whisper/assets/gpt2.tiktoken in the openai-whisper source distribut
 GPT-2 split pattern and <|endoftext|> = 50256. "Hello world" is [15496, 995] either way.
 
 Writes train.bin, val.bin (uint16) and meta.pkl ({"vocab_size": 50257, "tokenizer": "gpt2"}).
+
+    python data/shakespeare/prepare.py --tokenizer path/to/tokenizer.json
+
+encodes the same text with a released checkpoint's own tokenizer instead (a Hugging Face tokenizer.json, or
+the RWKV World vocabulary, rwkv_vocab_v20230424.txt): what train.py --init_from runs on first use, into a
+folder of its own beside this file. Its train.bin, val.bin and meta.pkl go into the tokenizer file's folder;
+the files are uint16, or uint32 (meta.pkl says "dtype") for vocabularies over 65,536.
 """
+import argparse
 import base64
 import hashlib
 import importlib.util
@@ -64,20 +72,52 @@ def gpt2_encoding():
                              special_tokens={"<|endoftext|>": 50256})
 
 
+def write_dataset(folder, meta, train_ids, val_ids):
+    """meta.pkl, train.bin and val.bin (uint16, or uint32 past 65,536 tokens) into folder; val.bin last: it
+    marks completion."""
+    dtype = np.uint16 if meta["vocab_size"] <= 1 << 16 else np.uint32
+    if dtype == np.uint32:
+        meta = {**meta, "dtype": "uint32"}
+    with open(os.path.join(folder, "meta.pkl"), "wb") as f:
+        pickle.dump(meta, f)
+    for ids, name in ((train_ids, "train.bin"), (val_ids, "val.bin")):
+        np.array(ids, dtype=dtype).tofile(os.path.join(folder, name + ".tmp"))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+
+
+def prepare_with_tokenizer(path, text=None):
+    """The text (default: the corpus) in the tokenizer of the file at path, through train.py's Tokenizer, into
+    path's folder. Returns the train and val token counts."""
+    spec = importlib.util.spec_from_file_location("nanozoo_train", os.path.join(HERE, "..", "..", "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    meta = train.tokenizer_meta(path)
+    tok = train.Tokenizer(meta)
+    text = load_char_prepare().load_text() if text is None else text
+    n = int(0.9 * len(text))
+    train_ids, val_ids = tok.encode(text[:n], special=False), tok.encode(text[n:], special=False)
+    write_dataset(os.path.dirname(os.path.abspath(path)), meta, train_ids, val_ids)
+    return len(train_ids), len(val_ids)
+
+
 def main():
-    char_prepare = load_char_prepare()
-    text = char_prepare.load_text()
+    text = load_char_prepare().load_text()
     enc = gpt2_encoding()
     n = int(0.9 * len(text))
     train_ids, val_ids = enc.encode_ordinary(text[:n]), enc.encode_ordinary(text[n:])
-    with open(os.path.join(HERE, "meta.pkl"), "wb") as f:
-        pickle.dump({"vocab_size": enc.n_vocab, "tokenizer": "gpt2"}, f)
-    for ids, name in ((train_ids, "train.bin"), (val_ids, "val.bin")):  # val.bin last: it marks completion
-        np.array(ids, dtype=np.uint16).tofile(os.path.join(HERE, name + ".tmp"))
-        os.replace(os.path.join(HERE, name + ".tmp"), os.path.join(HERE, name))
+    write_dataset(HERE, {"vocab_size": enc.n_vocab, "tokenizer": "gpt2"}, train_ids, val_ids)
     print(f"shakespeare: {len(text):,} characters, GPT-2 BPE (vocabulary {enc.n_vocab}), "
           f"train {len(train_ids):,} tokens, val {len(val_ids):,} tokens")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="Shakespeare's works as BPE tokens")
+    parser.add_argument("--tokenizer", help="a checkpoint's tokenizer.json or RWKV World vocabulary (.txt): "
+                        "encode with it, into its folder")
+    tokenizer = parser.parse_args().tokenizer
+    if tokenizer is None:
+        main()
+    else:
+        n_train, n_val = prepare_with_tokenizer(tokenizer)
+        print(f"shakespeare: the checkpoint's tokenizer ({os.path.basename(tokenizer)}), train {n_train:,} "
+              f"tokens, val {n_val:,} tokens")
