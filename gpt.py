@@ -91,7 +91,7 @@ class Config:
             raise ValueError(f"kernel must be 'torch', 'sdpa' or 'triton', not {self.kernel!r}")
         check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model",
                                  "n_head", "n_kv_head", "mlp_hidden"),
-                     floats=("rope_theta",))
+                     floats=("rope_theta", "norm_eps"))
         if self.d_model % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head must divide d_model and be a multiple of n_kv_head, got "
                              f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}")

@@ -118,7 +118,7 @@ class Config:
             raise ValueError(f"router must be 'softmax' or 'sigmoid', not {self.router!r}")
         check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model",
                                  "n_head", "n_kv_head", "n_expert", "expert_hidden"),
-                     floats=("rope_theta",))
+                     floats=("rope_theta", "norm_eps"))
         for name in ("n_shared", "bias_gamma", "aux_loss_coef", "z_loss_coef"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")

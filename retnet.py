@@ -117,7 +117,7 @@ class Config:
         if self.kernel not in ("torch", "triton"):
             raise ValueError(f"kernel must be 'torch' or 'triton', not {self.kernel!r}")
         check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model",
-                                 "n_head", "chunk_size", "ffn_hidden"), floats=("rope_theta",))
+                                 "n_head", "chunk_size", "ffn_hidden"), floats=("rope_theta", "norm_eps"))
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"n_head must split d_model into heads of even size (RoPE), got "
                              f"d_model={self.d_model}, n_head={self.n_head}")

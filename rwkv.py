@@ -107,6 +107,10 @@ class Config:
         if self.kernel not in ("torch", "triton"):
             raise ValueError(f"kernel must be 'torch' or 'triton', not {self.kernel!r}")
         check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model", "head_size", "ffn_mult"))
+        for name in ("decay_lora", "aaa_lora", "mv_lora", "gate_lora"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (the official rule from d_model) or more, got "
+                                 f"{getattr(self, name)}")
         if self.d_model % self.head_size or self.head_size & (self.head_size - 1):
             raise ValueError(f"head_size must be a power of two dividing d_model, got "
                              f"head_size={self.head_size}, d_model={self.d_model}")

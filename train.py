@@ -165,7 +165,7 @@ def parse_args(argv):
     if pretrained and known.model not in (None, pretrained[0]):
         raise UsageError(f"--init_from {known.init_from} is a checkpoint for {pretrained[0]}.py, not "
                          f"--model {known.model}")
-    known.model = pretrained[0] if pretrained else known.model or "gpt"
+    known.model = pretrained[0] if pretrained else "gpt" if known.model is None else known.model
     no_gpu = os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()
     if known.kernel == "triton" and no_gpu:
         os.environ["TRITON_INTERPRET"] = "1"  # must be set before the model file defines its kernels

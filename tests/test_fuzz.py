@@ -41,7 +41,8 @@ ACCEPTED = {
     "dt_rank": {"0"}, "dt_max": {HUGE_FLOAT},  # mamba: 0 is ceil(d_model / 16); any finite step size
     "n_shared": {"0"}, "aux_loss_coef": {"0", HUGE_FLOAT}, "z_loss_coef": {"0", HUGE_FLOAT},  # moe
     "bias_gamma": {"0", HUGE_FLOAT},
-    "rope_theta": {HUGE_FLOAT},  # any positive base
+    "rope_theta": {HUGE_FLOAT}, "norm_eps": {HUGE_FLOAT},  # any positive base; any positive eps
+    "decay_lora": {"0"}, "aaa_lora": {"0"}, "mv_lora": {"0"}, "gate_lora": {"0"},  # rwkv: 0 is the rule
     "mamba.chunk_size": {HUGE_INT}, "retnet.chunk_size": {HUGE_INT},  # longer than the sequence: one chunk
     "sample.start": {"0", "-1", "nan", "many"},  # prompts
     "sample.top_k": {"0", HUGE_INT},  # 0: all tokens; more than the vocabulary: all tokens
