@@ -394,8 +394,9 @@ class ThreadPicker:
     """torch's CPU thread count, picked as the run goes. On a laptop other programs come and go, and one
     busy core slows every op of an n-thread team to the pace of the thread that shares it (each op ends at
     a barrier), where n - 1 threads would lose only a share of the speed. So every `every` steps, and at
-    once when steps slow down by half, it times `trials` steps at each candidate count and keeps the
-    fastest (the first step after a switch is not timed: the new team starts up in it).
+    once when steps slow down by half, it times `trials` steps at each candidate count (one, where that is
+    plainly slower, twice the current) and keeps the fastest; the first step after a switch is not timed
+    (the new team starts up in it).
 
     PyTorch splits some CPU reductions by thread count (LayerNorm's parameter gradients, index_add_), and
     their sums then round differently: `candidates` must be only counts that give the same numbers
@@ -420,6 +421,8 @@ class ThreadPicker:
             n, timed = self.plan.pop(0)
             if timed:
                 self.times[n].append(seconds)
+                if self.expected is not None and seconds > 2 * self.expected:  # plainly slower: enough
+                    self.plan = [(m, t) for m, t in self.plan if m != n]
             if not self.plan:  # the probe is done: keep the fastest
                 speed = {n: min(t) for n, t in self.times.items() if t}
                 best = min(speed, key=speed.get)
@@ -1085,10 +1088,13 @@ def main(argv):
                       device)  # for the thread picker's check, from its own generator: train_gen is untouched
     check_step = lambda: train_step(raw_model, optimizer, *batch, autocast, s["grad_clip"])
     picker = None if ddp else pick_threads(s["threads"], device, raw_model, optimizer, check_step, log)
-    stop = []  # Ctrl-C: the step under way ends, then the run stops cleanly (a second Ctrl-C: at once)
+    stop = []  # Ctrl-C asks the run to stop: the step under way ends, then it stops cleanly
+
+    def ask_to_stop(*_):
+        stop.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
     if not ddp:
-        signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT,
-                                                                               signal.default_int_handler)))
+        signal.signal(signal.SIGINT, ask_to_stop)
     iter_num = ckpt["iter_num"] if ckpt else 0
     kept = ckpt["iter_num"] if ckpt else None  # the iteration ckpt.pt holds
     best_val = ckpt["best_val_loss"] if ckpt else float("inf")
