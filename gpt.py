@@ -127,7 +127,7 @@ def attention_ref(q, k, v):
     group = q.size(1) // k.size(1)  # query heads per kv head
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, Tk, D)
-    att = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)  # (B, H, Tq, Tk); scaling q is the smaller op
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
     att = F.softmax(att.float(), dim=-1).to(q.dtype)  # softmax in fp32 even under autocast
     return att @ v  # (B, H, Tq, D)
