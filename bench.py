@@ -786,7 +786,7 @@ def bench_threads(s, models, device, dtype):
                     rows.append(row)
 
             # the load comes and goes: one core kept busy from the first third of a run to the second
-            out, n = os.path.join(tmp, "changing"), s["threads_iters"]
+            out, n = os.path.join(tmp, str(next(n_run))), s["threads_iters"]
             p = subprocess.Popen(train_command(model, 3 * n, 0, out, s["size"]), cwd=ROOT,
                                  stdout=subprocess.PIPE, text=True)
             other, switches = None, []
@@ -804,6 +804,8 @@ def bench_threads(s, models, device, dtype):
             p.wait()
             if other is not None and other.poll() is None:
                 other.kill()
+            if p.returncode != 0:
+                raise RuntimeError(f"threads: train.py {model} failed (exit {p.returncode})")
             thirds = enumerate(("before", "busy", "after"))
             phases = {k: logged_speed(out, a * n, (a + 1) * n) for a, k in thirds}
             row = {"model": model, "load": "comes and goes", "threads": "picked", "tokens/s": phases["busy"],
