@@ -17,8 +17,8 @@ blanked with it, so the answer is not two screens away; the student solves it in
 the body, as the marker says. Everything else is the reference, so a blanked file imports and works.
 
 DIR gets what a teacher can publish on its own: the five model files, the exercise sheet (README.md, without
-its teachers' section), the tests that grade (grading/conftest.py, grading/test_exercises.py), pytest.ini
-and grade.py. make.py refuses a folder that is not empty (--force writes over the files it makes, only those).
+its teachers' section), the tests that grade (grading/conftest.py, grading/test_exercises.py) and grade.py.
+make.py refuses a folder that is not empty (--force writes over the files it makes, only those).
 """
 
 import argparse
@@ -169,15 +169,13 @@ def make(folder, only=None, force=False):
             f.write(source)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(student_sheet())
-    # The tests go in grading/, not tests/: pytest, run from the repository with --models-dir DIR, would load
-    # a DIR/tests/conftest.py as well (it looks into test* folders beside its arguments).
+    # The tests go in grading/, and no pytest.ini: run from the repository, `pytest --models-dir DIR` would
+    # load a DIR/tests/conftest.py as well (pytest looks into test* folders beside its arguments), and a
+    # DIR/pytest.ini would make DIR the root, away from the repository's conftest.py.
     for src, dst in [("tests/conftest.py", "grading/conftest.py"),
                      ("tests/test_exercises.py", "grading/test_exercises.py"),
                      ("exercises/grade.py", "grade.py")]:
         shutil.copyfile(os.path.join(ROOT, src), os.path.join(folder, dst))
-    ini = open(os.path.join(ROOT, "pytest.ini")).read()
-    with open(os.path.join(folder, "pytest.ini"), "w") as f:
-        f.write(ini.replace("testpaths = tests", "testpaths = grading"))
     return sources
 
 
@@ -195,7 +193,7 @@ def main(argv):
         return 2
     what = f"exercise {args.only}" if args.only else f"{len(exercises())} exercises"
     print(f"wrote {args.folder}: the five model files with {what} blanked, README.md (the sheet), grading/, "
-          f"pytest.ini, grade.py")
+          f"grade.py")
     return 0
 
 

@@ -32,7 +32,8 @@ def check(got, want, prop, atol=1e-6, rtol=1e-5):
     got, want = got.detach().double(), want.detach().double()
     assert torch.isfinite(got).all(), f"{prop}: the result has inf or NaN"
     err = (got - want).abs().max().item() if got.numel() else 0.0
-    assert torch.allclose(got, want, atol=atol, rtol=rtol), f"{prop}: max |difference| {err:.2e}"
+    close = torch.allclose(got, want, atol=atol, rtol=rtol)  # a bool: pytest then prints no tensors
+    assert close, f"{prop}: max |difference| {err:.2e}"
 
 
 def randn(*shape, seed=0, dtype=torch.float64, scale=1.0):
