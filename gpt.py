@@ -120,6 +120,7 @@ def attention(q, k, v, kernel="torch"):
     raise ValueError(f"kernel must be 'torch', 'sdpa' or 'triton', not {kernel!r}")
 
 
+# Exercise causal_attention: exercises/README.md#causal_attention
 def attention_ref(q, k, v):
     """softmax(Q K^T / sqrt(D)) V under the causal mask, written out: the definition, and the tests'
     reference."""
@@ -158,6 +159,7 @@ def check_triton(*tensors):
 if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), and exp2 is the GPU's instruction
 
+    # Exercise attention_kernel: exercises/README.md#attention_kernel
     @triton.jit
     def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, H, Hkv, Tq, Tk, D, sm_scale,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -390,6 +392,7 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+# Exercise rope: exercises/README.md#rope
 def rope_angles(positions, head_dim, theta):
     """The rotations e^(i n theta_j), theta_j = theta^(-2j/D), as complex numbers (T, D/2), for the
     positions n (T,)."""
@@ -398,6 +401,7 @@ def rope_angles(positions, head_dim, theta):
     return torch.polar(torch.ones_like(angles), angles)
 
 
+# Exercise rope: exercises/README.md#rope
 def apply_rope(x, rope):
     """Rotate x (B, H, T, D) by rope (T, D/2): each pair (x_2j, x_2j+1) is read as the complex number
     x_2j + i x_2j+1, and a rotation is a product with e^(i angle): one op, where cos and sin take six."""

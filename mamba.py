@@ -122,6 +122,7 @@ def selective_scan(x, dt, A, B, C, D, z=None, h0=None, kernel="torch", chunk_siz
     raise ValueError(f"kernel must be 'torch' or 'triton', not {kernel!r}")
 
 
+# Exercise selective_scan: exercises/README.md#selective_scan
 def selective_scan_ref(x, dt, A, B, C, D, z=None, h0=None):
     """The recurrence as the paper writes it, one step at a time: the test oracle. The official
     `selective_scan_ref` (state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py) is this loop with
@@ -168,6 +169,7 @@ class SelectiveScanChunked(torch.autograd.Function):
     """C_t . h_t (no D, no gate) and the last state, with a hand-written backward. Inside, the state is laid
     out (b, T, N, Di), channels last, so that every op runs along contiguous rows of Di."""
 
+    # Exercise chunked_scan: exercises/README.md#chunked_scan
     @staticmethod
     def forward(ctx, x, dt, A, B, C, h0, chunk_size):
         b, T, Di = x.shape
@@ -273,6 +275,7 @@ if triton is not None:
         a = tl.exp(dt[:, None] * A)  # (BLOCK_D, BLOCK_N)
         return x, dt, Bt, a, a * h + (dt * x)[:, None] * Bt[None, :]
 
+    # Exercise scan_kernel: exercises/README.md#scan_kernel
     @triton.jit
     def selective_scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, y_ptr, hs_ptr,
                                   T, Di, N, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr,

@@ -159,6 +159,7 @@ def experts_ref(x, expert_ids, gates, weights):
     return y
 
 
+# Exercise experts: exercises/README.md#experts
 def experts_sorted(x, expert_ids, gates, weights):
     """experts(..., kernel="torch"): the pairs sorted by expert, then one SwiGLU (two matmuls) per expert
     over its contiguous run of rows."""
@@ -512,6 +513,7 @@ class MLP(nn.Module):
         return self.c_proj(F.silu(gate) * up)
 
 
+# Exercise balance_loss: exercises/README.md#balance_loss
 def load_balancing_loss(probs, expert_ids):
     """Switch's E * sum_i f_i P_i. probs: (M, E) router probabilities; expert_ids: (M, k). f (the fraction
     of slots each expert got) is a count and has no gradient: the loss lowers P_i where f_i is high."""
@@ -545,6 +547,7 @@ class MoE(nn.Module):
         self.z_loss = None
         self.counts = None
 
+    # Exercise routing: exercises/README.md#routing
     def forward(self, x):
         B, T, C = x.shape
         x = x.view(B * T, C)

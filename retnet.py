@@ -145,6 +145,7 @@ def retention(q, k, v, gamma, state=None, kernel="torch", chunk_size=64):
     raise ValueError(f"kernel must be 'torch' or 'triton', not {kernel!r}")
 
 
+# Exercise retention_recurrent: exercises/README.md#retention_recurrent
 def retention_ref(q, k, v, gamma, state=None):
     """S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n, one position at a time: the recurrent form, the
     definition, the tests' reference, and decoding's path. Returns (o, S_T)."""
@@ -158,6 +159,7 @@ def retention_ref(q, k, v, gamma, state=None):
     return torch.cat(out, dim=2), S
 
 
+# Exercise retention_chunkwise: exercises/README.md#retention_chunkwise
 def retention_chunkwise(q, k, v, gamma, state=None, chunk_size=64):
     """Inside a chunk the parallel form, across chunks the recurrent one, carried by the state R. Returns
     (o, R_T). The last chunk may be shorter than chunk_size (any T works)."""
@@ -265,6 +267,7 @@ if triton is not None:
         """(BLOCK_T, BLOCK_T) in-chunk decay mask D[n, m] = gamma^(n-m) for n >= m, else 0."""
         return tl.where(j[:, None] >= j[None, :], tl.exp2(log2_gamma * (j[:, None] - j[None, :])), 0.0)
 
+    # Exercise retention_kernel: exercises/README.md#retention_kernel
     @triton.jit
     def retention_fwd_output_kernel(q_ptr, k_ptr, v_ptr, h_ptr, o_ptr, log2_gamma_ptr, T, H, n_chunks,
                                     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,

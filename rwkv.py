@@ -138,6 +138,7 @@ def wkv7(r, w, k, v, a, b, state=None, kernel="torch", chunk_size=64):
     raise ValueError(f"kernel must be 'torch' or 'triton', not {kernel!r}")
 
 
+# Exercise wkv7_step: exercises/README.md#wkv7_step
 def wkv7_ref(r, w, k, v, a, b, state):
     """The definition, one token at a time: the reference the tests compare everything with. The state
     update of the official numpy RWKV-7 (BlinkDL/RWKV-LM, RWKV-v7/rwkv_v7_numpy.py), batched."""
@@ -150,6 +151,7 @@ def wkv7_ref(r, w, k, v, a, b, state):
     return torch.stack(ys, dim=1), state
 
 
+# Exercise wkv7_chunked: exercises/README.md#wkv7_chunked
 def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size=64):
     """The same recurrence, a chunk of L tokens at a time. In a chunk that starts from S_0, let
     P_t = w_1 * ... * w_t (per key channel) and rescale r^ = r P_t, a^ = a P_{t-1}, k^ = k / P_t,
@@ -239,6 +241,7 @@ SAVE_EVERY = 16
 # head h in batch bi starts at ((bi * T + t) * H + h) * N. S[i, j] sits at i * N + j.
 if triton is not None:
 
+    # Exercise wkv7_kernel: exercises/README.md#wkv7_kernel
     @triton.jit
     def wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sa_ptr, ckpt_ptr, sT_ptr,
                         T, H, N: tl.constexpr, SAVE_EVERY: tl.constexpr):

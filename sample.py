@@ -77,7 +77,7 @@ def validate(argv):
         config = dict(ckpt["model_config"])
         if args.kernel is not None:
             config["kernel"] = args.kernel
-        module = load_model_module(ckpt["model_name"])
+        module = load_model_module(ckpt.get("model_file") or ckpt["model_name"])  # a file: its path
         try:
             module.Config(**config)
         except (TypeError, ValueError) as e:

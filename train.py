@@ -122,15 +122,52 @@ def add_flag(parser, name, default, help):
         parser.add_argument(f"--{name}", type=kind, default=default, help=help)
 
 
+def is_model_file(model):
+    """--model names a model (gpt) or a model file by its path (handout/rwkv.py): a path ends in .py or has a
+    folder in it."""
+    return model.endswith(".py") or os.sep in model or "/" in model
+
+
+def model_name(model):
+    """The model's name for folders and checkpoints: gpt for gpt, rwkv for handout/rwkv.py."""
+    return os.path.splitext(os.path.basename(model))[0] if is_model_file(model) else model
+
+
+CONTRACT = ("forward", "step", "generate", "param_groups", "flops_per_token")  # Model's methods train.py uses
+
+
 @functools.lru_cache(maxsize=None)
 def load_model_module(name):
-    """Import <name>.py from the repository by path (so `python train.py` works from any directory)."""
-    if name not in MODELS or not os.path.exists(os.path.join(ROOT, f"{name}.py")):
+    """Import <name>.py from the repository by path (so `python train.py` works from any directory), or a
+    model file given by its path (a student's copy, say), checked against the contract: a Config dataclass
+    and a Model with the methods train.py and sample.py call. What fails is one line at the door."""
+    if is_model_file(name):
+        path = name
+        if not os.path.isfile(path):
+            raise UsageError(f"--model {name}: no such model file")
+    elif name not in MODELS or not os.path.exists(os.path.join(ROOT, f"{name}.py")):
         have = [m for m in MODELS if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
-        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(have)}")
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(have)}, or give a model file's "
+                         f"path (handout/rwkv.py)")
+    else:
+        path = os.path.join(ROOT, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(model_name(name), path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a student's file: a syntax error, an import it lacks, anything at import time
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise UsageError(f"--model {name} does not import: {type(e).__name__}: {detail}{where}") from None
+    lacks = [] if dataclasses.is_dataclass(getattr(module, "Config", None)) else ["a Config dataclass"]
+    model = getattr(module, "Model", None)
+    if not isinstance(model, type):
+        lacks.append("a Model class")
+    else:
+        lacks += [f"Model.{m}" for m in CONTRACT if not callable(getattr(model, m, None))]
+    if lacks:
+        raise UsageError(f"--model {name} does not follow the model contract (README: The model contract): "
+                         f"it lacks {', '.join(lacks)}")
     return module
 
 
@@ -138,7 +175,8 @@ def build_parser(module, model_name):
     """The flags: --model, --resume, the settings, and every field of the model's Config."""
     parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="gpt", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--model", default="gpt", help=f"one of {', '.join(MODELS)}, or the path of a model "
+                        f"file (handout/rwkv.py)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out_dir from its ckpt.pt")
     for name, (default, help) in SETTINGS.items():
@@ -162,7 +200,7 @@ def parse_args(argv):
     if known.init_from and known.resume:
         raise UsageError("--init_from and --resume: a resumed run continues from its ckpt.pt; give one")
     pretrained = pretrained_source(known.init_from) if known.init_from else None
-    if pretrained and known.model not in (None, pretrained[0]):
+    if pretrained and known.model is not None and model_name(known.model) != pretrained[0]:
         raise UsageError(f"--init_from {known.init_from} is a checkpoint for {pretrained[0]}.py, not "
                          f"--model {known.model}")
     known.model = pretrained[0] if pretrained else "gpt" if known.model is None else known.model
@@ -225,11 +263,11 @@ def read_settings(args, given, module):
     settings = {name: getattr(args, name) for name in SETTINGS}
     model_config = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)}
     if settings["out_dir"] == "":
-        raise UsageError(f"--out_dir is empty; give a folder, e.g. --out_dir out/{args.model}")
-    settings["out_dir"] = settings["out_dir"] or os.path.join("out", args.model)
+        raise UsageError(f"--out_dir is empty; give a folder, e.g. --out_dir out/{model_name(args.model)}")
+    settings["out_dir"] = settings["out_dir"] or os.path.join("out", model_name(args.model))
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(os.path.join(settings["out_dir"], "ckpt.pt"), model=args.model)
+        ckpt = load_checkpoint(os.path.join(settings["out_dir"], "ckpt.pt"), model=model_name(args.model))
         typed = {k: v for k, v in settings.items() if k in given or k == "out_dir"}
         # the checkpoint's settings; one newer than the checkpoint takes its default
         settings = {**default_settings(), **ckpt["settings"], **typed}
@@ -1062,7 +1100,7 @@ def main(argv):
         model_config, weights = dataclasses.asdict(pretrained.config), pretrained.state_dict()
         if "block_size" not in given:  # a short context for fine-tuning, within the checkpoint's
             model_config["block_size"] = min(FINETUNE_BLOCK_SIZE, model_config["block_size"])
-        tokenizer = pretrained_tokenizer(args.model, args.pretrained[1])
+        tokenizer = pretrained_tokenizer(model_name(args.model), args.pretrained[1])
     elif ckpt is not None and ckpt["meta"].get("tokenizer") in ("hf", "rwkv_world"):
         tokenizer = ckpt["meta"]  # a fine-tuning run, resumed: its data is in its checkpoint's tokenizer
     folder, meta = open_data(s, model_config, given, ckpt, ddp, master, tokenizer)
@@ -1124,7 +1162,9 @@ def main(argv):
             rng = gather_rng(pending_rng, ddp, world)  # every rank takes part
             if iter_num > 0 and master:
                 save_checkpoint(ckpt_path, {
-                    "model_name": args.model, "model_config": dataclasses.asdict(config),
+                    "model_name": model_name(args.model), "model_config": dataclasses.asdict(config),
+                    # a model file given by its path: sample.py and --resume load the same file
+                    "model_file": os.path.abspath(args.model) if is_model_file(args.model) else None,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "iter_num": iter_num, "best_val_loss": best_val, "settings": s, "meta": meta,
                     "elapsed": elapsed, "rng": rng})

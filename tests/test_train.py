@@ -291,3 +291,33 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 6 and len(ckpt["rng"]) == 2
     assert "tokens per iteration" in p.stdout and "128 tokens per iteration" in p.stdout  # 2 x 4 x 16
+
+
+def test_train_and_sample_a_model_file(data, tmp_path):
+    """--model takes a model file's path (a student's copy): train.py trains it, the checkpoint names the
+    file, sample.py --out_dir loads the same file back."""
+    student = tmp_path / "handout"
+    student.mkdir()
+    shutil.copyfile(os.path.join(ROOT, "gpt.py"), student / "gpt.py")
+    out = tmp_path / "run"
+    train(data, out, "--model", str(student / "gpt.py"), "--max_iters", "3", "--eval_interval", "3")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "gpt" and ckpt["model_file"] == str(student / "gpt.py")
+    p = run("sample.py", "--out_dir", str(out), "--num_samples", "1", "--max_new_tokens", "5")
+    assert p.stdout.strip()
+
+
+def test_a_model_file_off_the_contract_stops_at_the_door(tmp_path):
+    sys.path.insert(0, ROOT)
+    import train as train_py
+    config = "import dataclasses\n@dataclasses.dataclass\nclass Config:\n    n: int = 1\n"
+    files = {"no_model.py": config, "broken.py": "def f(:\n",
+             "no_step.py": config + "class Model:\n    def forward(self): pass\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = {"no_model.py": "lacks a Model class", "broken.py": "does not import: SyntaxError",
+             "no_step.py": "lacks Model.step", "missing.py": "no such model file"}
+    for name, want in cases.items():
+        with pytest.raises(train_py.UsageError) as e:
+            train_py.validate(["--model", str(tmp_path / name)])
+        assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
