@@ -1383,9 +1383,9 @@ def mamba_state_dict(tensors, config):
     return sd, tensors
 
 # ---------------------------------------------------------------------------------------------------
-# Self-check: `python mamba.py` holds each fast path to selective_scan_ref, output, last state and every
-# gradient, on ragged shapes (37 steps: no multiple of the chunk; 40 channels and 5 states: no power of
-# two). `TRITON_INTERPRET=1 python mamba.py` adds the Triton path on a CPU.
+# Self-check: `python mamba.py` holds each fast path to its reference (selective_scan_ref, ssd_ref), output,
+# last state and every gradient, on ragged shapes (37 steps: no multiple of the chunk; 40 channels, 5 states,
+# heads of 3: no power of two). `TRITON_INTERPRET=1 python mamba.py` adds the Triton paths on a CPU.
 
 if __name__ == "__main__":
     torch.manual_seed(0)
@@ -1409,3 +1409,15 @@ if __name__ == "__main__":
         error = max((g.double() - w).abs().max().item() for g, w in zip(got, want))
         print(f"selective_scan(kernel={kernel!r}) vs selective_scan_ref, output, state and gradients: "
               f"max |difference| {error:.1e}")
+
+    # Mamba-2: 4 heads of 3 channels in 2 groups of B, C with 5 states; a state going in and coming out
+    x, dy = (torch.randn(2, 37, 4, 3, device=device) for _ in range(2))  # (b, T, H, P)
+    B, C = (torch.randn(2, 37, 2, 5, device=device) for _ in range(2))  # (b, T, G, N)
+    h0, dh = (torch.randn(2, 4, 3, 5, device=device) for _ in range(2))  # (b, H, P, N)
+    dt = F.softplus(torch.randn(2, 37, 4, device=device) - 1)  # (b, T, H)
+    inputs = [x, dt, -3 * torch.rand(4, device=device) - 0.5, B, C, torch.randn(4, device=device), h0]
+    want = run(ssd_ref, *(t.double() for t in inputs))
+    for kernel in ["torch"] + ["triton"] * has_triton:
+        got = run(lambda *a: ssd(*a, kernel=kernel, chunk_size=16), *inputs)
+        error = max((g.double() - w).abs().max().item() for g, w in zip(got, want))
+        print(f"ssd(kernel={kernel!r}) vs ssd_ref, output, state and gradients: max |difference| {error:.1e}")
