@@ -130,6 +130,18 @@ def fields(module, spec):
         raise UsageError(f"bad Config settings {spec!r}; expected name=value,name=value,...")
 
 
+def model_spec(name):
+    """A model as bench.py names it: a model file, or a file and the Config fields that pick another model in
+    it, "mamba:version=2" (more fields joined by ":"). Returns the module and those fields."""
+    file, _, spec = name.partition(":")
+    module = load_model_module(file)
+    own = fields(module, spec.replace(":", ","))
+    unknown = {item.split("=")[0] for item in spec.split(":") if item} - set(own)
+    if unknown:
+        raise UsageError(f"{file}.Config has no field {', '.join(sorted(unknown))} (in --models {name!r})")
+    return module, own
+
+
 def n_params(module, config):
     with torch.device("meta"):  # shapes only: no memory, no init
         return sum(p.numel() for p in module.Model(module.Config(**config)).parameters())
@@ -239,6 +251,18 @@ def scan_case(f, B, T, d, device, dtype):
             7 * B * T * Di * N)  # exp(dt A), dt B x, a h + b, C . h per (channel, state), as mamba.py counts
 
 
+def ssd_case(f, B, T, d, device, dtype):
+    Di, P, N, Q = 2 * d, 64, 64, 64  # mamba.py's Mamba-2 at d_inner 2d: heads of 64, one group of B and C
+    H = Di // P
+    x = torch.randn(B, T, H, P, device=device, dtype=dtype)
+    Bm, C = (torch.randn(B, T, 1, N, device=device, dtype=dtype) for _ in range(2))
+    dt = F.softplus(torch.randn(B, T, H, device=device) - 4)  # ~0.02, as Mamba-2's dt init
+    A = -torch.empty(H, device=device).uniform_(1, 16)  # A_init_range
+    D = torch.ones(H, device=device)
+    return (lambda kernel: f(x, dt, A, Bm, C, D, kernel=kernel, chunk_size=Q)[0], [x, dt, A, Bm, C, D],
+            B * T * (2 * min(Q, T) * (N + Di) + 4 * Di * N))  # C B^T and its mask times x~, states in and out
+
+
 def wkv7_case(f, B, T, d, device, dtype):
     H, N = d // 64, 64
     r, k, v = (torch.randn(B, T, H, N, device=device, dtype=dtype) for _ in range(3))
@@ -280,6 +304,7 @@ def experts_case(f, B, T, d, device, dtype):
 CORES = {  # core: (model file, function, kernels it takes, case)
     "attention": ("gpt", "attention", ("torch", "sdpa", "triton"), attention_case),
     "selective_scan": ("mamba", "selective_scan", ("torch", "triton"), scan_case),
+    "ssd": ("mamba", "ssd", ("torch", "triton"), ssd_case),  # Mamba-2's core
     "wkv7": ("rwkv", "wkv7", ("torch", "triton", "fla"), wkv7_case),  # fla: only where it is installed
     "retention": ("retnet", "retention", ("torch", "triton"), retention_case),
     "experts": ("moe", "experts", ("torch", "triton"), experts_case),
@@ -312,7 +337,7 @@ def bench_kernels(s, models, device, dtype):
     if "fla" in s["kernels"] and not have_fla:
         print("note: fla (flash-linear-attention) is not installed: no fla timings")
     for core, (name, fn_name, takes, case) in CORES.items():
-        if name not in models:
+        if name not in {m.partition(":")[0] for m in models}:
             continue
         fn = getattr(load_model_module(name), fn_name, None)
         if fn is None:
@@ -389,10 +414,10 @@ def bench_train(s, models, device, dtype):
                    ("tokens/s", ",.0f", 9), ("TFLOP/s", ".3g", 8), ("mfu", ".1%", 6), ("peak_MB", ".0f", 7)])
     rows = []
     for name in models:
-        module = load_model_module(name)
+        module, own = model_spec(name)
         for kernel in s["kernels"]:
             torch.manual_seed(0)
-            model = build(module, {**fields(module, s["size"]), "kernel": kernel}, device)
+            model = build(module, {**fields(module, s["size"]), **own, "kernel": kernel}, device)
             if model is None:  # e.g. kernel="sdpa", which only gpt has
                 continue
             c, B = model.config, s["batch_size"]
@@ -448,10 +473,10 @@ def bench_generate(s, models, device, dtype):
                    ("state_MB", ".3f", 9), ("peak_MB", ".0f", 7)])
     rows = []
     for name in models:
-        module = load_model_module(name)
+        module, own = model_spec(name)
         torch.manual_seed(0)
-        size = {**fields(module, s["size"]), "block_size": max(s["contexts"]) + s["gen_steps"],  # no sliding
-                "kernel": s["model_kernel"]}
+        size = {**fields(module, s["size"]), **own,
+                "block_size": max(s["contexts"]) + s["gen_steps"], "kernel": s["model_kernel"]}  # no sliding
         model = build(module, size, device)
         if model is None:
             continue
@@ -533,8 +558,9 @@ def bench_compare(s, models, device, dtype):
                    ("val_loss", ".4f", 8)])
     rows = []
     for name in models:
-        module = load_model_module(name)
-        config = {**fields(module, s["compare_size"]), "vocab_size": vocab, "kernel": s["model_kernel"]}
+        module, own = model_spec(name)
+        config = {**fields(module, s["compare_size"]), **own, "vocab_size": vocab,
+                  "kernel": s["model_kernel"]}
         config["d_model"], params = fit_d_model(module, config, target, reference.d_model)
         torch.manual_seed(s["seed"])
         model = build_model(module, config).to(device)
@@ -667,9 +693,9 @@ def bench_mqar(s, models, device, dtype):
                    ("state", ",d", 9), ("seconds", ".1f", 7)])
     rows = []
     for name in models:
-        module = load_model_module(name)
+        module, own = model_spec(name)
         try:
-            module.Config(d_model=s["mqar_d_model"], n_layer=s["mqar_layers"])
+            module.Config(d_model=s["mqar_d_model"], n_layer=s["mqar_layers"], **own)
         except ValueError as e:
             print(f"{name}: skipped ({e})")
             continue
@@ -681,7 +707,7 @@ def bench_mqar(s, models, device, dtype):
                 runs = []
                 for lr in s["mqar_lrs"]:
                     t0 = time.perf_counter()
-                    config = {**fields(module, s["mqar_config"]), "d_model": s["mqar_d_model"],
+                    config = {**fields(module, s["mqar_config"]), **own, "d_model": s["mqar_d_model"],
                               "n_layer": s["mqar_layers"], "kernel": s["model_kernel"]}
                     acc, state, loss = train_mqar(module, L, K, s["mqar_vocab"], s["mqar_steps"],
                                                   s["mqar_batch"], lr, device, dtype, s["mqar_test"],
@@ -732,8 +758,10 @@ def spinner():
 def train_command(model, iters, threads, out_dir, size):
     """python train.py for `iters` iterations at `threads` (0: picked), its Config fields from `size`."""
     log_every = max(1, iters // 10)
-    fields_ = [f"--{k}={v}" for k, v in fields(load_model_module(model), size).items()]
-    return [sys.executable, "-u", os.path.join(ROOT, "train.py"), "--model", model, "--max_iters", str(iters),
+    module, own = model_spec(model)
+    fields_ = [f"--{k}={v}" for k, v in {**fields(module, size), **own}.items()]
+    return [sys.executable, "-u", os.path.join(ROOT, "train.py"), "--model", model.partition(":")[0],
+            "--max_iters", str(iters),
             "--eval_interval", str(iters), "--eval_iters", "1", "--log_interval", str(log_every),
             "--sample_tokens", "0", "--threads", str(threads), "--out_dir", out_dir, *fields_]
 
@@ -840,7 +868,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="all", choices=("all",) + PARTS)
-    parser.add_argument("--models", default=None, help="comma-separated (default: every model file there is)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated (default: every model file there is); a file's other model by "
+                        "its Config fields, e.g. mamba:version=2")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto",
                         help="auto (bfloat16 autocast on GPUs that have it), float32, ...")
@@ -874,9 +904,9 @@ def main(argv):
     dtype = pick_dtype(args.dtype, device)
     have = [m for m in MODELS if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
     models = args.models.split(",") if args.models else have
-    for m in models:
-        if m not in have:
-            raise UsageError(f"unknown model {m!r}; choose from: {', '.join(have)}")
+    for m in models:  # a file, or a file and the Config fields of another model in it: mamba:version=2
+        if m.partition(":")[0] not in have:
+            raise UsageError(f"unknown model {m!r}; choose from: {', '.join(have)} (or e.g. mamba:version=2)")
     if device.type != "cuda" and "triton" in s["kernels"]:
         os.environ["TRITON_INTERPRET"] = "1"  # before any model file is imported: it defines its kernels
         print("note: no CUDA GPU: the Triton kernels run in Triton's interpreter, exact but not a speed "

@@ -1,10 +1,11 @@
 """
-mamba.py: Mamba-1, a selective state space model, in one file.
+mamba.py: Mamba-1 (a selective state space model) and Mamba-2 (its state space duality, SSD), in one file.
 
-Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv 2312.00752).
-A stack of Mamba blocks, x = x + Mixer(RMSNorm(x)) (no MLP), a final RMSNorm, and a head tied to the
-token embedding. Each mixer widens d_model to Di = expand * d_model channels d, and every channel carries
-N = d_state numbers n of state:
+Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv 2312.00752), and
+Dao & Gu 2024, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State
+Space Duality" (arXiv 2405.21060). A stack of blocks, x = x + Mixer(RMSNorm(x)) (no MLP), a final RMSNorm,
+and a head tied to the token embedding. Config.version picks the mixer. Mamba-1's (`Mixer`) widens d_model to
+Di = expand * d_model channels d, and every channel carries N = d_state numbers n of state:
 
     x, z     = u W_in                          in_proj, split in two halves of Di
     x        = SiLU(conv(x))                   causal depthwise conv along time, K = 4 taps per channel
@@ -14,17 +15,40 @@ N = d_state numbers n of state:
     y_t      = C_t . h_t + D x_t               read the state out, plus a skip
     out      = (y * SiLU(z)) W_out             gate, out_proj
 
+Mamba-2's (`Mixer2`) cuts the Di channels into H heads of P = headdim, and gives each head one scalar A:
+
+    z, xBC, dt = u W_in                        in_proj, all at once: gate, conv input [x, B, C], dt per head
+    x, B, C    = SiLU(conv(xBC))               the conv runs over B and C too; B, C: G groups of N
+    dt         = softplus(dt + dt_bias)        per token and head
+    h_t        = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T    per head a (P, N) matrix, decayed by ONE number
+    y_t        = h_t C_t + D x_t               D per head
+    out        = RMSNorm(y * SiLU(z)) W_out    the gated norm (grouped like B, C), out_proj
+
+The duality. Unroll Mamba-2's recurrence: y_t = sum_{s <= t} (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s
+(+ D x_t), with a_t = dt_t A. Over a whole sequence that is one matrix product,
+
+    y = (L o C B^T) (dt x),   L[t, s] = exp(a_{s+1} + ... + a_t) for s <= t, 0 above,
+
+masked linear attention with C as the query, B as the key, dt x as the value, and L, the 1-semiseparable mask
+of cumulative decays, in place of softmax's causal mask. The mask can come out of the sum because a head's
+decay is one scalar per step, the same for all its P x N state numbers, so L[t, s] multiplies the whole
+(C_t . B_s) term. Mamba-1's A is per (channel, state): each of the N state numbers has its own decay, so the
+mask would differ for every n inside the dot product C_t . B_s, which then no longer factors as C B^T: no
+matmul form, only the elementwise scan. SSD runs the product chunk by chunk: inside a chunk of Q steps the
+quadratic (attention) form, as matmuls, between chunks the recurrence on one state per chunk.
+
 Notation: b batch (B is the paper's input matrix; mamba-minimal's b), T sequence length, d_model written
 out (C is the paper's output matrix), Di = d_inner = expand * d_model, N = d_state, R = dt_rank, K = d_conv
-taps, Q = chunk_size, the chunk length (the SSD paper's letter: L stays free for Mamba-2's mask); A, B, C,
-D, dt the paper's (D the skip), h the state. Indices: t a step, d a channel, n a state, c a chunk. In the
-kernels BLOCK_D and BLOCK_N are the tiles of channels and states. Model.step and Model.generate, copies of
+taps, Q = chunk_size, the chunk length (the SSD paper's letter: L is its mask); Mamba-2's H heads of P =
+headdim channels, G = ngroups groups of B and C (the paper's letters); A, B, C, D, dt the paper's (D the
+skip), h the state, a = dt A the log-decays, x~ = dt x. Indices: t (or l) a step, s an earlier one, d a
+channel, n a state, p a channel of a head, c a chunk. In the kernels BLOCK_D, BLOCK_N, BLOCK_P and BLOCK_Q
+are the tiles of channels, states, head channels and steps. Model.step and Model.generate, copies of
 gpt.py's, write B for the batch.
 
-The h/y lines are the core, `selective_scan(x, dt, A, B, C, D, z, h0, kernel=...)`. "Selective" because
-dt, B and C depend on the input: a large dt resets the state to the current token, a small one keeps the
-past. A is per (channel, state), so unlike attention or Mamba-2 there is no matmul form: the scan is
-elementwise work over a (b, T, Di, N) state, and the game is never to store that state.
+Mamba-1's core is the h/y lines, `selective_scan(x, dt, A, B, C, D, z, h0, kernel=...)`. "Selective"
+because dt, B and C depend on the input: a large dt resets the state to the current token, a small one keeps
+the past. The scan is elementwise work over a (b, T, Di, N) state, and the game is never to store that state.
 
     "torch"   `selective_scan_chunked`: the recurrence chunk by chunk over time, with a hand-written
               backward (SelectiveScanChunked). Only the state entering each chunk is saved; the backward
@@ -43,11 +67,25 @@ elementwise work over a (b, T, Di, N) state, and the game is never to store that
               parallelise time inside a chunk; Triton's interpreter runs it one element at a time in
               Python, too slow for the CPU tests, so the loop stays.)
 
-Layout: Config; the core in PyTorch (selective_scan, selective_scan_ref, selective_scan_chunked); the core
-in Triton (kernels, SelectiveScanTriton, selective_scan_triton); the layers (RMSNorm, Mixer, Block); the
-Model (forward, prefill/step with a recurrent state of (conv window, ssm state) per layer, generate,
-from_pretrained); released checkpoints (Mamba-1, in state-spaces' layout and Hugging Face's, read into this
-file's names); a self-check, `python mamba.py`.
+Mamba-2's core is `ssd(x, dt, A, B, C, D, h0, kernel=...)`, in four steps over chunks (the paper's Listing 1):
+(1) inside each chunk the masked matmul (L o C B^T) x~; (2) each chunk's final state from its own inputs;
+(3) the states passed from chunk to chunk, h_in[c + 1] = exp(sum of chunk c's a) h_in[c] + state[c];
+(4) the state entering each chunk read out by C. Work per token O(Q (N + P) + N P) per head, all in matmuls.
+
+    "torch"   `ssd_chunked`, the four steps as batched matmuls, differentiated by autograd; `segsum` builds
+              L's exponents stably, each entry summed from the a's it spans. `ssd_ref`, the recurrence a
+              token at a time (Mamba-2's step), is the test oracle.
+    "triton"  `ssd_triton` (SSDTriton), the official kernel split: chunk cumsum, chunk state, state
+              passing, C B^T per chunk, chunk scan, each a kernel whose every product is a tl.dot; the
+              backward runs the chunk states' gradients, the passing in reverse, then one kernel for every
+              other gradient of a chunk.
+
+Layout: Config; Mamba-1's core in PyTorch (selective_scan, selective_scan_ref, selective_scan_chunked) and in
+Triton (kernels, SelectiveScanTriton, selective_scan_triton); Mamba-2's core in PyTorch (ssd, ssd_ref,
+segsum, ssd_chunked) and in Triton (kernels, SSDTriton, ssd_triton); the layers (RMSNorm, Mixer,
+RMSNormGated, Mixer2, Block); the Model (forward, prefill/step with a recurrent state of (conv window, ssm
+state) per layer, generate, from_pretrained); released checkpoints (Mamba-1 and Mamba-2, in state-spaces'
+layout and Hugging Face's, read into this file's names); a self-check, `python mamba.py`.
 """
 
 import json
@@ -84,26 +122,50 @@ class Config:
     block_size: int = 64  # the training context; the model itself has no positional limit
     n_layer: int = 4
     d_model: int = 128
-    kernel: str = "torch"  # the scan: "torch" or "triton"
-    d_state: int = 16  # N, state numbers per channel
-    expand: int = 2  # d_inner = expand * d_model
-    d_conv: int = 4  # K, taps of the causal depthwise conv
-    dt_rank: int = 0  # rank of the dt projection; 0 means ceil(d_model / 16)
-    dt_min: float = 1e-3  # the initial step sizes are log-uniform in [dt_min, dt_max]
+    kernel: str = "torch"  # the core (the scan, or SSD for version 2): "torch" or "triton"
+    version: int = 1  # 1: Mamba-1's Mixer (selective scan); 2: Mamba-2's Mixer2 (SSD)
+    d_state: int = 0  # N, states per channel; 0 means the version's: 16 (v1, official), 32 (v2; official 128)
+    expand: int = 2  # d_inner = expand * d_model (both versions, official)
+    d_conv: int = 4  # K, taps of the causal depthwise conv (both versions, official)
+    dt_rank: int = 0  # v1: rank of the dt projection; 0 means ceil(d_model / 16)
+    dt_min: float = 1e-3  # the initial step sizes are log-uniform in [dt_min, dt_max] (both, official)
     dt_max: float = 0.1
-    chunk_size: int = 8  # Q, time steps per chunk of the scan: only the state entering each chunk is saved
+    # Q, time steps per chunk; 0 means the version's. v1: 8, the scan saves only the state entering each chunk
+    # of 8 (a memory/recompute trade); v2: 64, SSD's Q x Q intra-chunk matmuls (official 256, sized for GPU
+    # tensor cores; on a CPU the (Q, Q) masks cost more than they save past 64). The same word for the same
+    # idea, chunked time, but sized for opposite reasons, so each version keeps its own default.
+    chunk_size: int = 0
+    headdim: int = 64  # v2: P, channels per head (official 64); d_inner / headdim heads H, each its own A
+    ngroups: int = 1  # v2: G, groups of heads sharing one B and C (official 1)
 
     def __post_init__(self):
         if self.kernel not in ("torch", "triton"):
             raise ValueError(f"kernel must be 'torch' or 'triton', not {self.kernel!r}")
+        if self.version not in (1, 2):
+            raise ValueError(f"version must be 1 (Mamba-1) or 2 (Mamba-2), got {self.version}")
+        for name in ("d_state", "chunk_size", "dt_rank"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be 0 (the version's default) or more, got "
+                                 f"{getattr(self, name)}")
+        self.d_state = self.d_state or (16, 32)[self.version - 1]
+        self.chunk_size = self.chunk_size or (8, 64)[self.version - 1]
         check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model",
-                                 "d_state", "expand", "d_conv", "chunk_size"),
+                                 "d_state", "expand", "d_conv", "chunk_size", "headdim", "ngroups"),
                      floats=("dt_min", "dt_max"))
-        if self.dt_rank < 0:
-            raise ValueError(f"dt_rank must be 0 (ceil(d_model / 16)) or more, got {self.dt_rank}")
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min must be at most dt_max={self.dt_max}, got {self.dt_min}")
         self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
+        if self.version == 2:
+            Di = self.expand * self.d_model
+            if Di % self.headdim:
+                raise ValueError(f"headdim must divide d_inner = expand * d_model = {Di}, got {self.headdim}")
+            if (Di // self.headdim) % self.ngroups:
+                raise ValueError(f"ngroups must divide the {Di // self.headdim} heads (d_inner / headdim), "
+                                 f"got {self.ngroups}")
+            Q = self.chunk_size
+            if self.kernel == "triton" and not (Q >= 16 and Q & (Q - 1) == 0):
+                raise ValueError(f"chunk_size must be a power of two of at least 16 for the Triton SSD (its "
+                                 f"tiles), got {Q}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,6 +507,395 @@ def selective_scan_triton(x, dt, A, B, C, D, z=None, h0=None, chunk_size=8):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The core of Mamba-2 in PyTorch: SSD, the scan as masked matmuls chunk by chunk
+
+
+def ssd(x, dt, A, B, C, D, h0=None, kernel="torch", chunk_size=64):
+    """y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T and h_{-1} = h0 (or 0), per head.
+    x: (b, T, H, P); dt: (b, T, H), after the softplus; A, D: (H,); B, C: (b, T, G, N), head h reading group
+    h // (H / G); h0: (b, H, P, N). Returns y (b, T, H, P) in x's dtype and the last state (b, H, P, N) in
+    fp32; the core itself runs in fp32."""
+    if kernel == "torch":
+        return ssd_chunked(x, dt, A, B, C, D, h0, chunk_size)
+    if kernel == "triton":
+        return ssd_triton(x, dt, A, B, C, D, h0, chunk_size)
+    raise ValueError(f"kernel must be 'torch' or 'triton', not {kernel!r}")
+
+
+def ssd_ref(x, dt, A, B, C, D, h0=None):
+    """The recurrence a token at a time, as Mamba-2's step runs it: the tests' oracle. h is (b, H, P, N):
+    every head a P x N matrix of state, decayed by one number exp(dt_t A) per step."""
+    b, T, H, P = x.shape
+    G, N = B.shape[2:]
+    B, C = (M.repeat_interleave(H // G, dim=2) for M in (B, C))  # (b, T, H, N): each head its group's
+    h = x.new_zeros(b, H, P, N) if h0 is None else h0
+    ys = []
+    for t in range(T):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]  # (b, H, 1, 1): one scalar per head
+        h = decay * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]  # + dt x B^T
+        ys.append((h @ C[:, t, :, :, None]).squeeze(-1) + D[:, None] * x[:, t])  # (b, H, P)
+    return torch.stack(ys, dim=1), h
+
+
+def segsum(a):
+    """S[..., i, j] = a_{j+1} + ... + a_i for j <= i and -inf above the diagonal, so that exp(S) is the
+    1-semiseparable mask of decays (1 on the diagonal, 0 above it). a: (..., Q) -> (..., Q, Q). Stable: each
+    entry is summed from the a's it spans (a cumsum down the columns of a masked copy), never a difference of
+    two long cumulative sums, which in fp32 cancels once those grow large. (ssd_minimal.py's `segsum`.)"""
+    Q = a.size(-1)
+    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
+    S = a[..., :, None].expand(*a.shape, Q).masked_fill(~strictly_lower, 0).cumsum(-2)  # S[i, j] = sum_j<k<=i
+    return S.masked_fill(~torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(), -math.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk_size=64):
+    """ssd(..., kernel="torch"): the chunked algorithm, four steps of batched matmuls (the paper's Listing 1,
+    official mamba_ssm/modules/ssd_minimal.py), differentiated by plain autograd. With a_t = dt_t A and
+    x~_t = dt_t x_t, over chunks of Q steps: (1) inside each chunk, the quadratic form (L o C B^T) x~;
+    (2) each chunk's own final state, as if it started at 0; (3) the states passed across chunks, one decay
+    per chunk; (4) the state entering each chunk, read out by C. Any T: the last chunk is padded with dt = 0
+    (no decay, no input), which leaves the state unchanged. Inside, heads come first, (b, G, H/G, c, Q, .),
+    so that every matmul is one batched matmul over (batch, head, chunk) and B, C broadcast over the heads
+    of their group."""
+    with torch.autocast(x.device.type, enabled=False):  # the state, decays and sums in fp32 (or fp64)
+        out_dtype, dtype = x.dtype, torch.promote_types(x.dtype, torch.float32)
+        x, dt, A, B, C, D = (t.to(dtype) for t in (x, dt, A, B, C, D))
+        b, T, H, P = x.shape
+        G, N = B.shape[2:]
+        Q = min(chunk_size, T)
+        pad = -T % Q
+        c = (T + pad) // Q  # chunks
+
+        # 0. Into chunks, heads first, and the log-decays a = dt A per head: a_cs is their running sum from
+        # each chunk's start.
+        xt = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad)).view(b, c, Q, G, H // G, P)
+        xt = xt.permute(0, 3, 4, 1, 2, 5)  # x~ = dt x: (b, G, H/G, c, Q, P)
+        Bc, Cc = (F.pad(M, (0, 0, 0, 0, 0, pad)).view(b, c, Q, G, 1, N).permute(0, 3, 4, 1, 2, 5)
+                  for M in (B, C))  # (b, G, 1, c, Q, N): one per group, broadcast over its heads
+        a = F.pad(dt * A, (0, 0, 0, pad)).view(b, c, Q, G, H // G).permute(0, 3, 4, 1, 2)  # (b, G, H/G, c, Q)
+        a_cs = a.cumsum(-1)
+
+        # 1. Inside each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x~_s, the masked
+        # attention-like form: C plays the query, B the key, x~ the value.
+        L = torch.exp(segsum(a))  # (b, G, H/G, c, Q, Q): the decays, 0 above the diagonal
+        y = (L * (Cc @ Bc.transpose(-1, -2))) @ xt  # (b, G, H/G, c, Q, P)
+
+        # 2. Each chunk's final state from its own inputs: sum_s exp(a_{s+1} + ... + a_Q) x~_s B_s^T.
+        decay_out = torch.exp(a_cs[..., -1:] - a_cs)  # (b, G, H/G, c, Q), in (0, 1]
+        states = (xt * decay_out[..., None]).transpose(-1, -2) @ Bc  # (b, G, H/G, c, P, N)
+
+        # 3. Across chunks: h_in[c + 1] = exp(a summed over chunk c) h_in[c] + states[c], from h_in[0] = h0.
+        # A short loop (T / Q steps) of (b, H, P, N) updates; the official kernel walks the chunks in turn.
+        decay_chunk = torch.exp(a_cs[..., -1]).unbind(-1)  # per chunk: (b, G, H/G)
+        h = x.new_zeros(b, G, H // G, P, N) if h0 is None else h0.to(dtype).view(b, G, H // G, P, N)
+        h_in = []
+        for k, s in enumerate(states.unbind(3)):
+            h_in.append(h)
+            h = decay_chunk[k][..., None, None] * h + s
+        h_in = torch.stack(h_in, dim=3)  # (b, G, H/G, c, P, N): the state entering each chunk
+
+        # 4. The state entering each chunk, read out at each step and decayed to it: exp(a_1 + ... + a_l).
+        y = y + (Cc @ h_in.transpose(-1, -2)) * torch.exp(a_cs)[..., None]  # (b, G, H/G, c, Q, P)
+
+        y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, H, P)[:, :T] + D[:, None] * x
+    return y.to(out_dtype), h.view(b, H, P, N)
+
+# ---------------------------------------------------------------------------------------------------
+# The core of Mamba-2 in Triton: SSD as the official kernels split it (mamba_ssm/ops/triton/ssd_*.py), forward
+# and backward, every matmul a tl.dot
+
+
+# The kernels read contiguous x (b, T, H, P), dt (b, T, H), B and C (b, T, G, N), and run on a grid of (batch,
+# head, chunk) programs (or (batch, head) for the walk across chunks). A chunk is BLOCK_Q = chunk_size steps;
+# steps past T load dt = 0 and x = B = C = 0, which neither decays nor feeds the state, so a ragged last
+# chunk needs no other care. P and N are padded to powers of two of at least 16 (tl.dot's smallest) and
+# masked. Inside a chunk the segment sums are differences of the chunk's own cumsum, clamped at 0 as the
+# official kernels do: a chunk is short, so they do not cancel the way a cumsum over the whole sequence would.
+# Offsets are int64 (the official kernels' int32 wrapped past ~61K tokens, state-spaces/mamba issue #1015).
+if triton is not None:
+
+    @triton.jit
+    def ssd_rows(ptr, row, cols, width, mask_t):
+        """The (BLOCK_Q, width) rows of a chunk's steps, padded columns and steps past T as 0, in fp32."""
+        mask = mask_t[:, None] & (cols[None, :] < width)
+        return tl.load(ptr + row[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def ssd_state(ptr, pid_b, c, h, n_states, H, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Pointers to state c of head h, (BLOCK_P, BLOCK_N), in a (b, n_states, H, P, N) tensor, and their
+        mask. (A (b, H, P, N) tensor is n_states = 1, c = 0.)"""
+        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+        ptrs = ptr + ((pid_b * n_states + c) * H + h) * P * N + p[:, None] * N + n[None, :]
+        return ptrs, (p[:, None] < P) & (n[None, :] < N)
+
+    @triton.jit
+    def ssd_load_state(ptr, pid_b, c, h, n_states, H, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        ptrs, mask = ssd_state(ptr, pid_b, c, h, n_states, H, P, N, BLOCK_P, BLOCK_N)
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+    @triton.jit
+    def ssd_store_state(ptr, value, pid_b, c, h, n_states, H, P, N, BLOCK_P: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+        ptrs, mask = ssd_state(ptr, pid_b, c, h, n_states, H, P, N, BLOCK_P, BLOCK_N)
+        tl.store(ptrs, value, mask=mask)
+
+    @triton.jit
+    def ssd_chunk(T, H, G, n_chunks, BLOCK_Q: tl.constexpr):
+        """This program's (batch, head, chunk), its steps t (BLOCK_Q,) and their mask, the row offsets of its
+        steps in (b, T, H, .) and in (b, T, G, .) (its group's), and where its cumsums start in a_cs."""
+        pid_b, h, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        t = c * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        g = h // (H // G)
+        return (pid_b, h, c, t, t < T, (pid_b * T + t) * H + h, (pid_b * T + t) * G + g,
+                ((pid_b * H + h) * n_chunks + c) * BLOCK_Q)
+
+    @triton.jit
+    def ssd_fwd_cumsum_kernel(dt_ptr, A_ptr, a_cs_ptr, T, H, G, n_chunks, BLOCK_Q: tl.constexpr):
+        """a_cs = the running sum of a_t = dt_t A within each chunk, (b, H, chunks, Q): the log of the decay
+        from the chunk's start to each step."""
+        pid_b, h, c, t, mask_t, row_h, row_g, a_row = ssd_chunk(T, H, G, n_chunks, BLOCK_Q)
+        dt = tl.load(dt_ptr + row_h, mask=mask_t, other=0.0)
+        tl.store(a_cs_ptr + a_row + tl.arange(0, BLOCK_Q), tl.cumsum(dt * tl.load(A_ptr + h), axis=0))
+
+    @triton.jit
+    def ssd_fwd_states_kernel(x_ptr, dt_ptr, B_ptr, a_cs_ptr, states_ptr, T, H, G, P, N, n_chunks,
+                              BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Each chunk's final state from its own inputs, as if it began at 0: sum_s exp(a_cs[Q] - a_cs[s])
+        dt_s x_s B_s^T, one (P, Q) @ (Q, N) product. states: (b, chunks, H, P, N)."""
+        pid_b, h, c, t, mask_t, row_h, row_g, a_row = ssd_chunk(T, H, G, n_chunks, BLOCK_Q)
+        a_cs = tl.load(a_cs_ptr + a_row + tl.arange(0, BLOCK_Q))
+        x = ssd_rows(x_ptr, row_h, tl.arange(0, BLOCK_P), P, mask_t)
+        B = ssd_rows(B_ptr, row_g, tl.arange(0, BLOCK_N), N, mask_t)
+        dt = tl.load(dt_ptr + row_h, mask=mask_t, other=0.0)
+        w = tl.exp(tl.load(a_cs_ptr + a_row + BLOCK_Q - 1) - a_cs) * dt  # the decay to the chunk's end, x dt
+        states = tl.dot(tl.trans(x * w[:, None]), B)  # (BLOCK_P, BLOCK_N)
+        ssd_store_state(states_ptr, states, pid_b, c, h, n_chunks, H, P, N, BLOCK_P, BLOCK_N)
+
+    @triton.jit
+    def ssd_fwd_passing_kernel(states_ptr, a_cs_ptr, h0_ptr, hs_ptr, H, P, N, n_chunks, HAS_H0: tl.constexpr,
+                               BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The walk across chunks, one (batch, head) per program: hs[c] = the state entering chunk c,
+        hs[c + 1] = exp(a_cs[c, Q]) hs[c] + states[c], from hs[0] = h0 (or 0); hs[chunks] is the last state.
+        hs: (b, chunks + 1, H, P, N)."""
+        pid_b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        if HAS_H0:
+            state = ssd_load_state(h0_ptr, pid_b, 0, h, 1, H, P, N, BLOCK_P, BLOCK_N)
+        for c in range(n_chunks):
+            ssd_store_state(hs_ptr, state, pid_b, c, h, n_chunks + 1, H, P, N, BLOCK_P, BLOCK_N)
+            decay = tl.exp(tl.load(a_cs_ptr + ((pid_b * H + h) * n_chunks + c) * BLOCK_Q + BLOCK_Q - 1))
+            s = ssd_load_state(states_ptr, pid_b, c, h, n_chunks, H, P, N, BLOCK_P, BLOCK_N)
+            state = decay * state + s
+        ssd_store_state(hs_ptr, state, pid_b, n_chunks, h, n_chunks + 1, H, P, N, BLOCK_P, BLOCK_N)
+
+    @triton.jit
+    def ssd_scores(ptr, pid_b, c, g, G, n_chunks, BLOCK_Q: tl.constexpr):
+        """Pointers to chunk c's (BLOCK_Q, BLOCK_Q) scores C B^T of group g in (b, chunks, G, Q, Q)."""
+        q = tl.arange(0, BLOCK_Q)
+        return ptr + ((pid_b * n_chunks + c) * G + g) * BLOCK_Q * BLOCK_Q + q[:, None] * BLOCK_Q + q[None, :]
+
+    @triton.jit
+    def ssd_fwd_bmm_kernel(B_ptr, C_ptr, CB_ptr, T, G, N, n_chunks, BLOCK_Q: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        """C B^T within each chunk, one (Q, Q) per (batch, group, chunk), shared by the group's heads: the
+        attention scores of the quadratic form. CB: (b, chunks, G, Q, Q)."""
+        pid_b, g, c, t, mask_t, row_g, _, _ = ssd_chunk(T, G, G, n_chunks, BLOCK_Q)  # a program per group
+        n = tl.arange(0, BLOCK_N)
+        CB = tl.dot(ssd_rows(C_ptr, row_g, n, N, mask_t), tl.trans(ssd_rows(B_ptr, row_g, n, N, mask_t)))
+        tl.store(ssd_scores(CB_ptr, pid_b, c, g, G, n_chunks, BLOCK_Q), CB)
+
+    @triton.jit
+    def ssd_decay_mask(a_cs, BLOCK_Q: tl.constexpr):
+        """L[l, s] = exp(a_cs[l] - a_cs[s]) for s <= l, 0 above: the chunk's 1-semiseparable mask."""
+        q = tl.arange(0, BLOCK_Q)
+        return tl.where(q[:, None] >= q[None, :], tl.exp(tl.minimum(a_cs[:, None] - a_cs[None, :], 0.0)), 0.0)
+
+    @triton.jit
+    def ssd_fwd_scan_kernel(x_ptr, dt_ptr, C_ptr, D_ptr, a_cs_ptr, CB_ptr, hs_ptr, y_ptr, T, H, G, P, N,
+                            n_chunks, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y for one chunk of one head: (L o C B^T) @ (dt x), plus the entering state read out by C and
+        decayed to each step, exp(a_cs) (C @ h_in^T), plus D x."""
+        pid_b, h, c, t, mask_t, row_h, row_g, a_row = ssd_chunk(T, H, G, n_chunks, BLOCK_Q)
+        p, q = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_Q)
+        a_cs = tl.load(a_cs_ptr + a_row + q)
+        x = ssd_rows(x_ptr, row_h, p, P, mask_t)
+        dt = tl.load(dt_ptr + row_h, mask=mask_t, other=0.0)
+        g = h // (H // G)
+        CB = tl.load(ssd_scores(CB_ptr, pid_b, c, g, G, n_chunks, BLOCK_Q))
+
+        # 1. Inside the chunk: the masked matmul.
+        y = tl.dot(CB * ssd_decay_mask(a_cs, BLOCK_Q), x * dt[:, None])  # (BLOCK_Q, BLOCK_P)
+
+        # 2. From the chunks before: C_l . h_in, decayed from the chunk's start to step l.
+        C = ssd_rows(C_ptr, row_g, tl.arange(0, BLOCK_N), N, mask_t)
+        h_in = ssd_load_state(hs_ptr, pid_b, c, h, n_chunks + 1, H, P, N, BLOCK_P, BLOCK_N)
+        y += tl.exp(a_cs)[:, None] * tl.dot(C, tl.trans(h_in))
+        y += tl.load(D_ptr + h) * x
+        tl.store(y_ptr + row_h[:, None] * P + p[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=mask_t[:, None] & (p[None, :] < P))
+
+    @triton.jit
+    def ssd_bwd_dstates_kernel(dy_ptr, C_ptr, a_cs_ptr, dh_in_ptr, T, H, G, P, N, n_chunks,
+                               BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dL/dh_in[c] through chunk c's own outputs alone: sum_l exp(a_cs[l]) dy_l C_l^T, (P, Q) @ (Q, N).
+        dh_in: (b, chunks, H, P, N)."""
+        pid_b, h, c, t, mask_t, row_h, row_g, a_row = ssd_chunk(T, H, G, n_chunks, BLOCK_Q)
+        a_cs = tl.load(a_cs_ptr + a_row + tl.arange(0, BLOCK_Q))
+        dy = ssd_rows(dy_ptr, row_h, tl.arange(0, BLOCK_P), P, mask_t)
+        C = ssd_rows(C_ptr, row_g, tl.arange(0, BLOCK_N), N, mask_t)
+        dh = tl.dot(tl.trans(dy * tl.exp(a_cs)[:, None]), C)
+        ssd_store_state(dh_in_ptr, dh, pid_b, c, h, n_chunks, H, P, N, BLOCK_P, BLOCK_N)
+
+    @triton.jit
+    def ssd_bwd_passing_kernel(dh_in_ptr, hs_ptr, a_cs_ptr, dhT_ptr, dstates_ptr, da_last_ptr, dh0_ptr, H, P,
+                               N, n_chunks, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+        """The walk across chunks, backwards: with g = dL/dh_in[c + 1] (from dL/d(last state) at the end),
+        chunk c's own state gets g, its total decay a_cs[c, Q] gets sum(g exp(.) h_in[c]), and dL/dh_in[c]
+        = dh_in[c] + exp(a_cs[c, Q]) g. What is left at the start is dL/dh0."""
+        pid_b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        g = ssd_load_state(dhT_ptr, pid_b, 0, h, 1, H, P, N, BLOCK_P, BLOCK_N)
+        for j in range(n_chunks):
+            c = n_chunks - 1 - j
+            ssd_store_state(dstates_ptr, g, pid_b, c, h, n_chunks, H, P, N, BLOCK_P, BLOCK_N)
+            decay = tl.exp(tl.load(a_cs_ptr + ((pid_b * H + h) * n_chunks + c) * BLOCK_Q + BLOCK_Q - 1))
+            h_in = ssd_load_state(hs_ptr, pid_b, c, h, n_chunks + 1, H, P, N, BLOCK_P, BLOCK_N)
+            tl.store(da_last_ptr + (pid_b * H + h) * n_chunks + c, tl.sum(g * decay * h_in))
+            g = ssd_load_state(dh_in_ptr, pid_b, c, h, n_chunks, H, P, N, BLOCK_P, BLOCK_N) + decay * g
+        ssd_store_state(dh0_ptr, g, pid_b, 0, h, 1, H, P, N, BLOCK_P, BLOCK_N)
+
+    @triton.jit
+    def ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, a_cs_ptr, hs_ptr, dy_ptr, dstates_ptr,
+                             da_last_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+                             T, H, G, P, N, n_chunks,
+                             BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Every gradient of one chunk of one head, the forward's three parts in reverse: (1) the entering
+        state's readout, (2) the masked matmul, (3) the chunk's own state (its gradient from the walk). The
+        log-decays collect dL/da_cs along the way, and a reverse cumsum turns that into dL/da, so into dt and
+        A. dB and dC come out per head (the host sums a group's heads), dA and dD per chunk."""
+        pid_b, h, c, t, mask_t, row_h, row_g, a_row = ssd_chunk(T, H, G, n_chunks, BLOCK_Q)
+        p, n, q = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+        a_cs = tl.load(a_cs_ptr + a_row + q)
+        x, dy = ssd_rows(x_ptr, row_h, p, P, mask_t), ssd_rows(dy_ptr, row_h, p, P, mask_t)
+        B, C = ssd_rows(B_ptr, row_g, n, N, mask_t), ssd_rows(C_ptr, row_g, n, N, mask_t)
+        dt = tl.load(dt_ptr + row_h, mask=mask_t, other=0.0)
+        xt = x * dt[:, None]  # x~ = dt x: (BLOCK_Q, BLOCK_P)
+
+        # 1. y_off = exp(a_cs) (C @ h_in^T): into C and a_cs.
+        h_in = ssd_load_state(hs_ptr, pid_b, c, h, n_chunks + 1, H, P, N, BLOCK_P, BLOCK_N)
+        decay_in = tl.exp(a_cs)
+        dC = decay_in[:, None] * tl.dot(dy, h_in)  # (BLOCK_Q, BLOCK_N)
+        da_cs = decay_in * tl.sum(dy * tl.dot(C, tl.trans(h_in)), axis=1)  # (BLOCK_Q,)
+
+        # 2. y_diag = M @ x~ with M = C B^T o L: into x~, C, B, and through L into a_cs.
+        L = ssd_decay_mask(a_cs, BLOCK_Q)
+        M = tl.dot(C, tl.trans(B)) * L  # (BLOCK_Q, BLOCK_Q)
+        dM = tl.where(q[:, None] >= q[None, :], tl.dot(dy, tl.trans(xt)), 0.0)
+        dxt = tl.dot(tl.trans(M), dy)  # (BLOCK_Q, BLOCK_P)
+        dCB = dM * L
+        dC += tl.dot(dCB, B)
+        dB = tl.dot(tl.trans(dCB), C)
+        dS = dM * M  # dL/d(a_cs[l] - a_cs[s])
+        da_cs += tl.sum(dS, axis=1) - tl.sum(dS, axis=0)
+
+        # 3. states = (x~ o w)^T @ B with w = exp(a_cs[Q] - a_cs): into x~, B, a_cs and a_cs[Q].
+        dstates = ssd_load_state(dstates_ptr, pid_b, c, h, n_chunks, H, P, N, BLOCK_P, BLOCK_N)
+        w = tl.exp(tl.load(a_cs_ptr + a_row + BLOCK_Q - 1) - a_cs)
+        Bds = tl.dot(B, tl.trans(dstates))  # (BLOCK_Q, BLOCK_P)
+        dxt += w[:, None] * Bds
+        dB += tl.dot(xt * w[:, None], dstates)
+        dw = w * tl.sum(xt * Bds, axis=1)  # dL/d(a_cs[Q] - a_cs[l])
+        da_last = tl.sum(dw) + tl.load(da_last_ptr + (pid_b * H + h) * n_chunks + c)  # and from the walk
+        da_cs += tl.where(q == BLOCK_Q - 1, da_last, 0.0) - dw
+
+        # 4. a_cs[l] = a_1 + ... + a_l, so dL/da_s = sum_{l >= s} dL/da_cs[l]; a = dt A, x~ = dt x.
+        da = tl.cumsum(da_cs, axis=0, reverse=True)
+        tl.store(ddt_ptr + row_h, da * tl.load(A_ptr + h) + tl.sum(dxt * x, axis=1), mask=mask_t)
+        mask_tp, mask_tn = mask_t[:, None] & (p[None, :] < P), mask_t[:, None] & (n[None, :] < N)
+        tl.store(dx_ptr + row_h[:, None] * P + p[None, :], dxt * dt[:, None] + tl.load(D_ptr + h) * dy,
+                 mask=mask_tp)
+        tl.store(dB_ptr + row_h[:, None] * N + n[None, :], dB, mask=mask_tn)
+        tl.store(dC_ptr + row_h[:, None] * N + n[None, :], dC, mask=mask_tn)
+        tl.store(dA_ptr + (pid_b * H + h) * n_chunks + c, tl.sum(da * dt))
+        tl.store(dD_ptr + (pid_b * H + h) * n_chunks + c, tl.sum(dy * x))
+
+def ssd_block_sizes(P, N):
+    """BLOCK_P, BLOCK_N: head dim and state size padded to powers of two, at least 16 (tl.dot's least)."""
+    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+
+
+class SSDTriton(torch.autograd.Function):
+    """The SSD kernels joined for autograd. Between forward and backward it keeps the inputs, the chunks'
+    cumsums and the state entering each chunk, (b, T / Q + 1, H, P, N): no (T, T) and no per-step state."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, h0, chunk_size):
+        x, B, C = (t.contiguous() for t in (x, B, C))
+        dt, A, D = (t.float().contiguous() for t in (dt, A, D))
+        b, T, H, P = x.shape
+        G, N = B.shape[2:]
+        n_chunks = triton.cdiv(T, chunk_size)
+        BLOCK_P, BLOCK_N = ssd_block_sizes(P, N)
+        f32 = dict(dtype=torch.float32, device=x.device)
+        a_cs = torch.empty(b, H, n_chunks, chunk_size, **f32)
+        states = torch.empty(b, n_chunks, H, P, N, **f32)
+        hs = torch.empty(b, n_chunks + 1, H, P, N, **f32)
+        CB = torch.empty(b, n_chunks, G, chunk_size, chunk_size, **f32)
+        y = torch.empty_like(x)
+        sizes = dict(BLOCK_Q=chunk_size, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        h0f = h0.float().contiguous() if h0 is not None else None
+
+        # 1. chunk cumsum, 2. chunk states, 3. state passing, 4. C B^T per chunk, 5. chunk scan
+        ssd_fwd_cumsum_kernel[(b, H, n_chunks)](dt, A, a_cs, T, H, G, n_chunks, BLOCK_Q=chunk_size)
+        ssd_fwd_states_kernel[(b, H, n_chunks)](x, dt, B, a_cs, states, T, H, G, P, N, n_chunks, **sizes)
+        ssd_fwd_passing_kernel[(b, H)](states, a_cs, h0f, hs, H, P, N, n_chunks, HAS_H0=h0 is not None,
+                                       **sizes)
+        ssd_fwd_bmm_kernel[(b, G, n_chunks)](B, C, CB, T, G, N, n_chunks, BLOCK_Q=chunk_size, BLOCK_N=BLOCK_N)
+        ssd_fwd_scan_kernel[(b, H, n_chunks)](x, dt, C, D, a_cs, CB, hs, y, T, H, G, P, N, n_chunks, **sizes)
+        ctx.save_for_backward(x, dt, A, B, C, D, a_cs, hs)
+        ctx.chunk_size, ctx.has_h0 = chunk_size, h0 is not None
+        return y, hs[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        x, dt, A, B, C, D, a_cs, hs = ctx.saved_tensors
+        b, T, H, P = x.shape
+        G, N = B.shape[2:]
+        chunk_size = ctx.chunk_size
+        n_chunks = triton.cdiv(T, chunk_size)
+        BLOCK_P, BLOCK_N = ssd_block_sizes(P, N)
+        sizes = dict(BLOCK_Q=chunk_size, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        f32 = dict(dtype=torch.float32, device=x.device)
+        dy = dy.contiguous()
+        dh_last = torch.zeros(b, H, P, N, **f32) if dh_last is None else dh_last.float().contiguous()
+        dh_in, dstates = torch.empty(b, n_chunks, H, P, N, **f32), torch.empty(b, n_chunks, H, P, N, **f32)
+        da_last, dA, dD = (torch.empty(b, H, n_chunks, **f32) for _ in range(3))
+        dh0 = torch.empty(b, H, P, N, **f32)
+        dx, ddt = torch.empty(b, T, H, P, **f32), torch.empty(b, T, H, **f32)
+        dB, dC = torch.empty(b, T, H, N, **f32), torch.empty(b, T, H, N, **f32)  # per head: summed below
+
+        # 1. what each chunk's outputs send its entering state, 2. the walk back across chunks, 3. the rest
+        ssd_bwd_dstates_kernel[(b, H, n_chunks)](dy, C, a_cs, dh_in, T, H, G, P, N, n_chunks, **sizes)
+        ssd_bwd_passing_kernel[(b, H)](dh_in, hs, a_cs, dh_last, dstates, da_last, dh0, H, P, N, n_chunks,
+                                       **sizes)
+        ssd_bwd_chunk_kernel[(b, H, n_chunks)](x, dt, A, B, C, D, a_cs, hs, dy, dstates, da_last,
+                                               dx, ddt, dB, dC, dA, dD, T, H, G, P, N, n_chunks, **sizes)
+        dB, dC = (d.view(b, T, G, H // G, N).sum(3) for d in (dB, dC))  # a group's heads share its B, C
+        return (dx.to(x.dtype), ddt, dA.sum((0, 2)), dB.to(B.dtype), dC.to(C.dtype), dD.sum((0, 2)),
+                dh0 if ctx.has_h0 else None, None)
+
+
+def ssd_triton(x, dt, A, B, C, D, h0=None, chunk_size=64):
+    """ssd(..., kernel="triton"): SSDTriton. x, B, C are read in their own dtype, dt, A, D, h0 in fp32; the
+    kernels compute in fp32; y comes back in x's dtype, the last state in fp32. chunk_size is the kernels'
+    BLOCK_Q: a power of two of at least 16."""
+    check_triton(x, dt, A, B, C, D)
+    if not (chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(f"chunk_size must be a power of two of at least 16 for the Triton SSD, got "
+                         f"{chunk_size}")
+    return SSDTriton.apply(x, dt, A, B, C, D, h0, chunk_size)
+
+# ---------------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -524,10 +975,88 @@ class Mixer(nn.Module):
         return self.out_proj(y), (xw[:, T:], h)
 
 
+class RMSNormGated(nn.Module):
+    """RMSNorm(y * SiLU(z)) * weight, the RMS taken over each group of d_inner / G channels: Mamba-2's norm
+    before out_proj (official RMSNormGated with norm_before_gate=False, mamba_ssm/ops/triton/
+    layernorm_gated.py). Gating first lets z switch channels off before the norm rescales what is left."""
+
+    def __init__(self, dim, group_size, eps=1e-5):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y, z):
+        y = (y * F.silu(z)).unflatten(-1, (-1, self.group_size))  # (..., G, Di / G)
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight
+
+
+class Mixer2(nn.Module):
+    """The Mamba-2 block between the norm and the residual add: the official `Mamba2` module (state-spaces/
+    mamba, mamba_ssm/modules/mamba2.py) without its optional MLP branch, its core as ssd. Every projection
+    comes from u at once (Mamba-1 makes dt, B, C from the conv's output), and B, C go through the conv too."""
+
+    def __init__(self, config):
+        super().__init__()
+        Di = config.expand * config.d_model  # d_inner
+        N, G, K = config.d_state, config.ngroups, config.d_conv
+        H = Di // config.headdim  # heads, each with its own scalar A
+        self.config = config
+        self.in_proj = nn.Linear(config.d_model, 2 * Di + 2 * G * N + H, bias=False)  # [z, x, B, C, dt]
+
+        # the depthwise conv over x, B and C together, (K, Di + 2GN), initialised as nn.Conv1d would
+        self.conv_weight = nn.Parameter(torch.empty(K, Di + 2 * G * N).uniform_(-K ** -0.5, K ** -0.5))
+        self.conv_bias = nn.Parameter(torch.empty(Di + 2 * G * N).uniform_(-K ** -0.5, K ** -0.5))
+
+        # dt_bias = softplus^-1(dt) for dt log-uniform in [dt_min, dt_max], one per head (Mixer's rule)
+        log_dt = torch.empty(H).uniform_(math.log(config.dt_min), math.log(config.dt_max))
+        dt = torch.exp(log_dt).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # A = -exp(A_log) per head, A drawn uniform in [1, 16] (A_init_range); D = 1 per head
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(H))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = RMSNormGated(Di, Di // G)
+        self.out_proj = nn.Linear(Di, config.d_model, bias=False)
+
+    def forward(self, u, state=None):
+        """u (b, T, d_model) after the tokens that left `state` = (conv window (b, K-1, Di + 2GN), ssm state
+        (b, H, P, N)), or None for a new sequence. Returns (b, T, d_model) and the state after the last
+        token."""
+        b, T, _ = u.shape
+        config = self.config
+        Di, N, G, K, P = config.expand * config.d_model, config.d_state, config.ngroups, config.d_conv, \
+            config.headdim
+        H = Di // P
+
+        # 1. Project up, all at once: the gate z, the conv's input xBC = [x, B, C], and dt per head.
+        z, xBC, dt = self.in_proj(u).split([Di, Di + 2 * G * N, H], dim=-1)
+
+        # 2. The causal depthwise conv over x, B and C, after the K - 1 inputs before these T.
+        if state is None:
+            state = (xBC.new_zeros(b, K - 1, xBC.size(-1)), None)
+        window, h = state
+        xw = torch.cat([window.to(xBC.dtype), xBC], dim=1)  # (b, K-1+T, Di + 2GN)
+        xBC = F.silu(self.conv_bias + sum(xw[:, k:k + T] * self.conv_weight[k] for k in range(K)))
+        x, B, C = xBC.split([Di, G * N, G * N], dim=-1)
+
+        # 3. The step size per head, A per head, and SSD over the heads.
+        dt = F.softplus(dt.float() + self.dt_bias)  # (b, T, H), fp32
+        A = -torch.exp(self.A_log)  # (H,), fp32
+        B, C = B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+        y, h = ssd(x.unflatten(-1, (H, P)), dt, A, B, C, self.D, h, config.kernel,
+                   config.chunk_size)  # (b, T, H, P), (b, H, P, N)
+
+        # 4. Gate and norm, then project down.
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y), (xw[:, T:], h)
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.norm, self.mixer = RMSNorm(config.d_model, eps=1e-5), Mixer(config)
+        self.norm = RMSNorm(config.d_model, eps=1e-5)
+        self.mixer = (Mixer if config.version == 1 else Mixer2)(config)
 
     def forward(self, x, state=None):
         y, state = self.mixer(self.norm(x), state)
@@ -623,20 +1152,28 @@ class Model(nn.Module):
 
     def flops_per_token(self, T):
         """Training FLOPs per token (forward + backward): 6 per matmul (and conv tap) parameter, plus the
-        scan's ~7 per (channel, state) forward (exp(dt A), dt B x, a h + b, C . h) and twice that backward.
-        No T term: the cost of a token does not grow with the context."""
+        core's, three times its forward. Mamba-1's scan: ~7 per (channel, state) (exp(dt A), dt B x, a h + b,
+        C . h); no T term, a token's cost does not grow with the context. Mamba-2's SSD, with Q = min(chunk,
+        T): per token 2Q (GN + HP) for C B^T and its (Q, Q) mask times x~ inside the chunk, and 4 HPN for the
+        chunk state and the readout; it grows with T up to Q, then stays flat."""
         n_matmul = sum(p.numel() for p in self.parameters()
                        if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False))
         config = self.config
-        return 6 * n_matmul + 21 * config.n_layer * config.expand * config.d_model * config.d_state
+        Di, N = config.expand * config.d_model, config.d_state
+        if config.version == 1:
+            return 6 * n_matmul + 21 * config.n_layer * Di * N
+        Q = min(config.chunk_size, T)
+        ssd = 2 * Q * (config.ngroups * N + Di) + 4 * Di * N  # H P = Di
+        return 6 * n_matmul + 3 * config.n_layer * ssd
 
     @classmethod
     def from_pretrained(cls, path_or_id, **overrides):
-        """A released Mamba-1 from a Hugging Face hub id, e.g. "state-spaces/mamba-130m" (state-spaces' own
-        layout) or "state-spaces/mamba-130m-hf" (Hugging Face's), fetched once into the hub's cache, or from a
-        local folder in either layout; in fp32, in eval mode. overrides set the Config
-        fields a checkpoint does not fix (kernel, block_size, chunk_size). What mamba.py cannot represent is
-        a ValueError naming it. The section "Released checkpoints" below does the reading."""
+        """A released Mamba-1 or Mamba-2 from a Hugging Face hub id, e.g. "state-spaces/mamba-130m" or
+        "state-spaces/mamba2-130m" (state-spaces' own layout) or "state-spaces/mamba-130m-hf" (Hugging
+        Face's), fetched once into the hub's cache, or from a local folder in either layout; in fp32, in eval
+        mode. overrides set the Config fields a checkpoint does not fix (kernel, block_size, chunk_size).
+        What mamba.py cannot represent is a ValueError naming it. The section "Released checkpoints"
+        below does the reading."""
         hf_config, tensors = read_checkpoint(download(path_or_id))
         model = cls(mamba_config(hf_config, tensors, **overrides))
         load_weights(model, *mamba_state_dict(tensors, model.config))
@@ -644,9 +1181,10 @@ class Model(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Released checkpoints: Mamba-1 in state-spaces' layout (state-spaces/mamba-130m ... 2.8b) and in Hugging
-# Face's (the -hf repos), read into this file's names. huggingface_hub and safetensors are imported here, only
-# when one is loaded. The readers are gpt.py's.
+# Released checkpoints: Mamba-1 and Mamba-2 in state-spaces' layout (state-spaces/mamba-130m ... 2.8b,
+# mamba2-130m ... 2.7b) and in Hugging Face's (the -hf repos, transformers' Mamba2ForCausalLM), read into this
+# file's names. huggingface_hub and safetensors are imported here, only when one is loaded. The readers are
+# gpt.py's.
 
 
 # Copied from gpt.py
@@ -746,17 +1284,17 @@ def load_weights(model, state_dict, leftover):
 
 
 def mamba_config(hf, tensors, **overrides):
-    """This file's Config from a Mamba-1 checkpoint: its config.json (a dict: state-spaces' own, d_model and
-    ssm_cfg, or Hugging Face's MambaConfig, model_type "mamba") and its tensors, whose shapes give the sizes
-    in both layouts; the config gives what shapes cannot (the norm, the biases, the tie). Anything mamba.py
-    cannot represent is a ValueError naming it. overrides: the fields it leaves (kernel, block_size)."""
+    """This file's Config from a Mamba checkpoint: its config.json (a dict: state-spaces' own, d_model and
+    ssm_cfg, its ssm_cfg "layer" "Mamba2" for Mamba-2; or Hugging Face's MambaConfig / Mamba2Config,
+    model_type "mamba" / "mamba2") and its tensors, whose shapes give the sizes in both layouts; the config
+    gives what shapes cannot (the norm, the biases, the tie, Mamba-2's groups). Anything mamba.py cannot
+    represent is a ValueError naming it. overrides: the fields it leaves (kernel, block_size, chunk_size)."""
     ssm = hf.get("ssm_cfg") or {}
-    if hf.get("model_type") == "mamba2" or ssm.get("layer") == "Mamba2":
-        raise ValueError("a Mamba-2 checkpoint: mamba.py loads Mamba-1 (model_type 'mamba', or state-spaces' "
-                         "ssm_cfg without layer 'Mamba2')")
     state_spaces = hf.get("model_type") is None and "d_model" in hf
-    if hf.get("model_type") != "mamba" and not state_spaces:
-        raise ValueError(f"mamba.py loads Mamba-1 checkpoints, not model_type {hf.get('model_type')!r}")
+    if hf.get("model_type") not in ("mamba", "mamba2") and not state_spaces:
+        raise ValueError(f"mamba.py loads Mamba-1 and Mamba-2 checkpoints, not model_type "
+                         f"{hf.get('model_type')!r}")
+    version = 2 if hf.get("model_type") == "mamba2" or ssm.get("layer") == "Mamba2" else 1
 
     def size(name, dim):  # a size from a tensor's shape
         if name not in tensors:
@@ -764,7 +1302,8 @@ def mamba_config(hf, tensors, **overrides):
         return tensors[name].size(dim)
 
     mixer = "backbone.layers.0.mixer."  # the same names in both layouts
-    Di, C = size(mixer + "in_proj.weight", 0) // 2, size(mixer + "in_proj.weight", 1)  # (2 Di, d_model)
+    C = size(mixer + "in_proj.weight", 1)  # in_proj: (2 Di, d_model) or (2 Di + 2 G N + H, d_model)
+    Di = size(mixer + "in_proj.weight", 0) // 2 if version == 1 else size(mixer + "norm.weight", 0)
     eps = hf.get("norm_epsilon", 1e-5) if state_spaces else hf.get("layer_norm_epsilon", 1e-5)
 
     lacks = []
@@ -782,15 +1321,39 @@ def mamba_config(hf, tensors, **overrides):
         lacks.append("an untied output head (mamba.py ties it to the embedding)")
     if Di % C:
         lacks.append(f"an inner width {Di} that is no multiple of d_model {C}")
-    if lacks:
-        raise ValueError(f"this Mamba checkpoint has what mamba.py cannot represent: {'; '.join(lacks)}")
     fields = dict(
-        vocab_size=size(mamba_embedding(tensors), 0),  # state-spaces pads the vocabulary to a multiple of 8
+        vocab_size=size(mamba_embedding(tensors), 0),  # state-spaces pads the vocabulary (to 8, Mamba-2 16)
         block_size=2048,  # the context the state-spaces models trained at; mamba itself has no limit
         n_layer=hf["n_layer"] if state_spaces else hf["num_hidden_layers"], d_model=C, expand=Di // C,
-        d_state=size(mixer + "A_log", 1), d_conv=size(mixer + "conv1d.weight", 2),  # (Di, N), (Di, 1, K)
-        dt_rank=size(mixer + "dt_proj.weight", 1))  # (Di, R)
+        d_conv=size(mixer + "conv1d.weight", 2), version=version)  # conv1d: (channels, 1, K)
+    if version == 1:
+        fields.update(d_state=size(mixer + "A_log", 1), dt_rank=size(mixer + "dt_proj.weight", 1))  # (Di, N)
+    else:
+        lacks += mamba2_lacks(hf, ssm, state_spaces)
+        H = size(mixer + "A_log", 0)  # one A per head
+        G = ssm.get("ngroups", 1) if state_spaces else hf.get("n_groups", 1)
+        N = (size(mixer + "conv1d.weight", 0) - Di) // (2 * G)  # the conv runs over x, B and C: Di + 2GN
+        if size(mixer + "in_proj.weight", 0) != 2 * Di + 2 * G * N + H:
+            lacks.append("an in_proj wider than [z, x, B, C, dt] (the MLP branch of d_ssm < d_inner)")
+        if size(mixer + "D", 0) != H:
+            lacks.append("D per channel (D_has_hdim; mamba.py's Mamba-2 has one D per head)")
+        fields.update(d_state=N, headdim=Di // H, ngroups=G)
+    if lacks:
+        raise ValueError(f"this Mamba checkpoint has what mamba.py cannot represent: {'; '.join(lacks)}")
     return Config(**{**fields, **overrides})
+
+
+def mamba2_lacks(hf, ssm, state_spaces):
+    """What a Mamba-2 config asks for beyond mamba.py's Mixer2 (defaults: the official Mamba2's)."""
+    lacks = []
+    limit = ssm.get("dt_limit", (0, math.inf)) if state_spaces else hf.get("time_step_limit", (0, math.inf))
+    # transformers 5 writes infinity as {"__float__": "Infinity"}
+    limit = tuple(float(v["__float__"]) if isinstance(v, dict) else float(v) for v in limit)
+    if limit != (0.0, math.inf):
+        lacks.append(f"a dt limit {limit} (mamba.py's Mamba-2 does not clamp dt)")
+    if not ssm.get("rmsnorm", True) or ssm.get("norm_before_gate") or hf.get("norm_before_gate"):
+        lacks.append("no gated RMSNorm, or the norm before the gate (mamba.py's: RMSNorm(y * SiLU(z)))")
+    return lacks
 
 
 def mamba_embedding(tensors):
@@ -800,29 +1363,32 @@ def mamba_embedding(tensors):
 
 
 def mamba_state_dict(tensors, config):
-    """This file's state_dict from the tensors of a Mamba-1 checkpoint (state-spaces' or Hugging Face's names,
+    """This file's state_dict from the tensors of a Mamba checkpoint (state-spaces' or Hugging Face's names,
     the same but for the embedding), and the tensors left over. The conv's taps come as nn.Conv1d keeps them,
-    (Di, 1, K), and go in as (K, Di); dt_proj's bias is dt_bias here."""
+    (channels, 1, K), and go in as (K, channels); Mamba-1's dt_proj bias is dt_bias here."""
     Di = config.expand * config.d_model
+    channels = Di if config.version == 1 else Di + 2 * config.ngroups * config.d_state
+    own = ("in_proj.weight", "A_log", "D", "out_proj.weight") + \
+        (("x_proj.weight", "dt_proj.weight") if config.version == 1 else ("dt_bias", "norm.weight"))
     sd = {"wte.weight": take(tensors, mamba_embedding(tensors))}
     for i in range(config.n_layer):
         hf, ours = f"backbone.layers.{i}.", f"blocks.{i}."
         sd[ours + "norm.weight"] = take(tensors, hf + "norm.weight")
-        for name in ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "A_log", "D", "out_proj.weight"):
+        for name in own:
             sd[ours + "mixer." + name] = take(tensors, hf + "mixer." + name)
-        sd[ours + "mixer.conv_weight"] = take(tensors, hf + "mixer.conv1d.weight")[:, 0].t()  # (K, Di)
+        sd[ours + "mixer.conv_weight"] = take(tensors, hf + "mixer.conv1d.weight")[:, 0].t()  # (K, channels)
         bias = hf + "mixer.conv1d.bias"  # use_conv_bias=False saves none: the same as zeros
-        sd[ours + "mixer.conv_bias"] = take(tensors, bias) if bias in tensors else torch.zeros(Di)
-        sd[ours + "mixer.dt_bias"] = take(tensors, hf + "mixer.dt_proj.bias")
+        sd[ours + "mixer.conv_bias"] = take(tensors, bias) if bias in tensors else torch.zeros(channels)
+        if config.version == 1:
+            sd[ours + "mixer.dt_bias"] = take(tensors, hf + "mixer.dt_proj.bias")
     sd["norm_f.weight"] = take(tensors, "backbone.norm_f.weight")
     sd["lm_head.weight"] = head_weight(tensors, sd["wte.weight"], tied=True)
     return sd, tensors
 
-
 # ---------------------------------------------------------------------------------------------------
-# Self-check: `python mamba.py` holds each fast path to selective_scan_ref, output, last state and every
-# gradient, on ragged shapes (37 steps: no multiple of the chunk; 40 channels and 5 states: no power of
-# two). `TRITON_INTERPRET=1 python mamba.py` adds the Triton path on a CPU.
+# Self-check: `python mamba.py` holds each fast path to its reference (selective_scan_ref, ssd_ref), output,
+# last state and every gradient, on ragged shapes (37 steps: no multiple of the chunk; 40 channels, 5 states,
+# heads of 3: no power of two). `TRITON_INTERPRET=1 python mamba.py` adds the Triton paths on a CPU.
 
 if __name__ == "__main__":
     torch.manual_seed(0)
@@ -846,3 +1412,15 @@ if __name__ == "__main__":
         error = max((g.double() - w).abs().max().item() for g, w in zip(got, want))
         print(f"selective_scan(kernel={kernel!r}) vs selective_scan_ref, output, state and gradients: "
               f"max |difference| {error:.1e}")
+
+    # Mamba-2: 4 heads of 3 channels in 2 groups of B, C with 5 states; a state going in and coming out
+    x, dy = (torch.randn(2, 37, 4, 3, device=device) for _ in range(2))  # (b, T, H, P)
+    B, C = (torch.randn(2, 37, 2, 5, device=device) for _ in range(2))  # (b, T, G, N)
+    h0, dh = (torch.randn(2, 4, 3, 5, device=device) for _ in range(2))  # (b, H, P, N)
+    dt = F.softplus(torch.randn(2, 37, 4, device=device) - 1)  # (b, T, H)
+    inputs = [x, dt, -3 * torch.rand(4, device=device) - 0.5, B, C, torch.randn(4, device=device), h0]
+    want = run(ssd_ref, *(t.double() for t in inputs))
+    for kernel in ["torch"] + ["triton"] * has_triton:
+        got = run(lambda *a: ssd(*a, kernel=kernel, chunk_size=16), *inputs)
+        error = max((g.double() - w).abs().max().item() for g, w in zip(got, want))
+        print(f"ssd(kernel={kernel!r}) vs ssd_ref, output, state and gradients: max |difference| {error:.1e}")

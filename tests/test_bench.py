@@ -111,13 +111,25 @@ def test_script_and_bad_input(tmp_path):
     assert p.returncode == 0, p.stderr
     assert os.path.exists(tmp_path / "bench_results" / "cpu" / "generate.json")  # the default --out
     p = run("--models", "nope")
-    want = "bench.py: error: unknown model 'nope'; choose from: " + ", ".join(HAVE)
+    want = f"bench.py: error: unknown model 'nope'; choose from: {', '.join(HAVE)} (or e.g. mamba:version=2)"
     assert p.returncode == 2 and p.stderr.strip() == want, p.stderr
     for args, message in ((["--seq_lens", "a,b"], "bad --seq_lens"),
                           (["train", "--size", "d_model"], "bad Config settings"),
                           (["mqar", "--mqar_vocab", "30"], "4K <= L < vocab_size")):
         with pytest.raises(bench.UsageError, match=message):
             bench.main([*args, "--quick", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif("mamba" not in HAVE, reason="no mamba.py")
+@pytest.mark.parametrize("part", ["train", "generate", "compare", "mqar"])
+def test_another_model_in_a_file(part, tmp_path):
+    """A model file's other model by its Config fields, mamba:version=2 (Mamba-2), beside the default."""
+    rows = run_part(part, tmp_path, "--models", "mamba,mamba:version=2")
+    assert {r["model"] for r in rows} == {"mamba", "mamba:version=2"}
+    if part == "train":
+        assert [r["config"]["version"] for r in rows] == [1, 2]
+    with pytest.raises(bench.UsageError, match="no field nope"):
+        bench.main([part, "--quick", "--out", str(tmp_path), "--models", "mamba:nope=1"])
 
 
 def test_threads(tmp_path):

@@ -1,4 +1,5 @@
 """The model contract (../shared/DESIGN.md), checked the same way on every model file."""
+import functools
 import math
 import sys
 import warnings
@@ -14,9 +15,25 @@ import bench  # noqa: E402
 V, T = 50, 32  # a small vocabulary and context for every model
 
 
-@pytest.fixture(params=MODELS)
+# Every model: a model file, and the Config fields that pick another model in the same file
+VARIANTS = [(name, {}) for name in MODELS] + [("mamba", {"version": 2})]
+
+
+class Variant:
+    """A model file whose Config takes `fields` unless told otherwise: the file's other model (mamba.py's
+    Mamba-2) through the same contract."""
+
+    def __init__(self, module, fields):
+        self.module, self.Config = module, functools.partial(module.Config, **fields)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda v: ":".join([v[0]] + [f"{k}={x}" for k, x in v[1].items()]))
 def mod(request, load_model):
-    return load_model(request.param)
+    name, fields = request.param
+    return Variant(load_model(name), fields) if fields else load_model(name)
 
 
 def tiny(mod, **overrides):

@@ -145,6 +145,40 @@ def test_mamba_matches_transformers(layout, load_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# mamba.py: Mamba-2, Hugging Face's layout (Mamba2ForCausalLM) and state-spaces' own
+
+
+def save_mamba2(folder, layout):
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(vocab_size=V, hidden_size=64, state_size=16, num_heads=8, head_dim=16,
+                                       expand=2, n_groups=2, conv_kernel=4, num_hidden_layers=2, chunk_size=8,
+                                       tie_word_embeddings=True)
+    ref = randomize(transformers.Mamba2ForCausalLM(config))
+    if layout == "hf":
+        ref.save_pretrained(folder)
+        return ref
+    # state-spaces' layout (mamba_ssm's MambaLMHeadModel with ssm_cfg layer "Mamba2"): backbone.embedding,
+    # lm_head saved though tied, a pytorch_model.bin, and its own config.json
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in ref.state_dict().items()}
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+    json.dump({"d_model": 64, "n_layer": 2, "vocab_size": V, "rms_norm": True, "residual_in_fp32": True,
+               "fused_add_norm": True, "pad_vocab_size_multiple": 16, "tie_embeddings": True,
+               "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "expand": 2}},
+              open(os.path.join(folder, "config.json"), "w"))
+    return ref
+
+
+@pytest.mark.parametrize("layout", ["hf", "state-spaces"])
+def test_mamba2_matches_transformers(layout, load_model, tmp_path):
+    ref = save_mamba2(tmp_path, layout)
+    model = load_model("mamba").Model.from_pretrained(str(tmp_path))
+    c = model.config
+    assert (c.version, c.d_state, c.headdim, c.ngroups, c.expand, c.d_conv) == (2, 16, 16, 2, 2, 4)
+    check_against(model, ref)
+
+
+# ---------------------------------------------------------------------------------------------------
 # moe.py: Mixtral
 
 
@@ -279,6 +313,7 @@ def saved(tmp_path_factory):
     save_mamba(root / "mamba", "hf")
     os.makedirs(root / "state-spaces")
     save_mamba(root / "state-spaces", "state-spaces")
+    save_mamba2(root / "mamba2", "hf")
     save_mixtral(root / "mixtral")
     write_rwkv7(str(root / "rwkv7.pth"))
     return root
@@ -301,7 +336,9 @@ def test_gpt_refuses_what_it_cannot_represent(case, saved, load_model, tmp_path)
 
 
 @pytest.mark.parametrize("layout, changes, words", [
-    ("mamba", dict(model_type="mamba2"), ["Mamba-2"]),
+    ("mamba2", dict(time_step_limit=[0.0, 0.1]), ["dt limit"]),
+    ("mamba2", dict(tie_word_embeddings=False), ["untied"]),
+    ("mamba2", dict(model_type="jamba"), ["model_type 'jamba'"]),
     ("mamba", dict(layer_norm_epsilon=1e-6), ["norm eps"]),
     ("mamba", dict(tie_word_embeddings=False), ["untied"]),
     ("state-spaces", dict(rms_norm=False), ["LayerNorm"]),
