@@ -78,3 +78,20 @@ def load_model(models_dir):
         return cache[name]
 
     return load
+
+
+def run(core, args, seed=1):
+    """A core's outputs (y, the last state) and the gradients of every input, for a fixed random projection
+    of (y, h_last): the scan tests of mamba.py's two cores compare these."""
+    args = [a.detach().clone().requires_grad_() for a in args]
+    y, h = core(*args)
+    g = seeded(seed)
+    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum() + \
+        (h.double() * torch.randn(h.shape, generator=g, dtype=torch.float64)).sum()
+    loss.backward()
+    return [y, h] + [a.grad for a in args]
+
+
+def assert_all_close(names, got, want, rtol, atol):
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

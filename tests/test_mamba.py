@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import seeded
+from conftest import assert_all_close, run, seeded
 
 
 @pytest.fixture(scope="session")
@@ -27,29 +27,13 @@ def inputs(b=2, T=37, Di=24, N=16, dtype=torch.float32, seed=0):
     return [t.to(dtype) for t in (x, dt, A, B, C, D, z, h0)]
 
 
-def run(scan, args, seed=1):
-    """y, the last state and the gradients of all eight inputs, for a fixed random projection of
-    (y, h_last)."""
-    args = [a.detach().clone().requires_grad_() for a in args]
-    y, h = scan(*args)
-    g = seeded(seed)
-    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum() + \
-        (h.double() * torch.randn(h.shape, generator=g, dtype=torch.float64)).sum()
-    loss.backward()
-    return [y, h] + [a.grad for a in args]
-
-
-def assert_all_close(got, want, rtol, atol):
-    for name, a, b in zip(NAMES, got, want):
-        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])  # 64 > T: one chunk
 def test_torch_scan_matches_time_loop(mamba, chunk_size):
     args = inputs()
     want = run(mamba.selective_scan_ref, [a.double() for a in args])  # the oracle, in fp64
     got = run(lambda *a: mamba.selective_scan(*a, kernel="torch", chunk_size=chunk_size), args)
-    assert_all_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_all_close(NAMES, got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("T, Di, N, chunk_size",
@@ -61,7 +45,7 @@ def test_triton_scan_matches_torch(mamba, T, Di, N, chunk_size):
     args = inputs(T=T, Di=Di, N=N)
     want = run(lambda *a: mamba.selective_scan(*a, kernel="torch"), args)
     got = run(lambda *a: mamba.selective_scan(*a, kernel="triton", chunk_size=chunk_size), args)
-    assert_all_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_all_close(NAMES, got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_triton_scan_without_gate_and_initial_state(mamba):
@@ -69,7 +53,7 @@ def test_triton_scan_without_gate_and_initial_state(mamba):
     scan = lambda kernel: lambda *a: mamba.selective_scan(*a, kernel=kernel, chunk_size=8)  # noqa: E731
     want = run(scan("torch"), [x, dt, A, B, C, D])
     got = run(scan("triton"), [x, dt, A, B, C, D])
-    assert_all_close(got, want, rtol=1e-4, atol=1e-4)  # y, h_last, dx, ddt, dA, dB, dC, dD
+    assert_all_close(NAMES, got, want, rtol=1e-4, atol=1e-4)  # y, h_last, dx, ddt, dA, dB, dC, dD
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
@@ -81,7 +65,7 @@ def test_bf16_inputs(mamba, kernel):
     want = run(mamba.selective_scan_ref, [a.double() for a in low])
     got = run(lambda *a: mamba.selective_scan(*a, kernel=kernel, chunk_size=8), low)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
-    assert_all_close(got, want, rtol=2e-2, atol=2e-2)
+    assert_all_close(NAMES, got, want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])

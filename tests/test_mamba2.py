@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import seeded
+from conftest import assert_all_close, run, seeded
 
 
 @pytest.fixture(scope="session")
@@ -28,21 +28,6 @@ def inputs(b=2, T=37, H=4, P=3, G=2, N=5, dtype=torch.float32, seed=0):
     return [t.to(dtype) for t in (x, dt, A, B, C, D, h0)]
 
 
-def run(core, args, seed=1):
-    """y, the last state and the gradients of every input, for a fixed random projection of (y, h_last)."""
-    args = [a.detach().clone().requires_grad_() for a in args]
-    y, h = core(*args)
-    g = seeded(seed)
-    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum() + \
-        (h.double() * torch.randn(h.shape, generator=g, dtype=torch.float64)).sum()
-    loss.backward()
-    return [y, h] + [a.grad for a in args]
-
-
-def assert_all_close(got, want, rtol, atol):
-    for name, a, b in zip(NAMES, got, want):
-        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
 
 @pytest.mark.parametrize("T", [1, 7, 16, 33, 48])  # below, at and across boundaries of 16-step chunks
 @pytest.mark.parametrize("with_h0", [False, True])
@@ -50,7 +35,7 @@ def test_torch_ssd_matches_recurrence(mamba, T, with_h0):
     args = inputs(T=T, dtype=torch.float64)[:6 + with_h0]
     want = run(mamba.ssd_ref, args)
     got = run(lambda *a: mamba.ssd(*a, kernel="torch", chunk_size=16), args)
-    assert_all_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_all_close(NAMES, got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_torch_ssd_in_pieces(mamba):
@@ -70,14 +55,14 @@ def test_triton_ssd_matches_torch(mamba, T, P, N, chunk_size):
     args = inputs(T=T, P=P, N=N)
     want = run(lambda *a: mamba.ssd(*a, kernel="torch", chunk_size=chunk_size), args)
     got = run(lambda *a: mamba.ssd(*a, kernel="triton", chunk_size=chunk_size), args)
-    assert_all_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_all_close(NAMES, got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_triton_ssd_without_initial_state(mamba):
     args = inputs(T=21, G=1)[:6]
     want = run(lambda *a: mamba.ssd(*a, kernel="torch", chunk_size=16), args)
     got = run(lambda *a: mamba.ssd(*a, kernel="triton", chunk_size=16), args)
-    assert_all_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_all_close(NAMES, got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_triton_ssd_refuses_a_chunk_its_tiles_cannot_take(mamba):
