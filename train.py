@@ -452,7 +452,9 @@ class ThreadPicker:
             order = [self.current] + [n for n in self.candidates if n != self.current]
             self.plan = [(n, k > 0 or n == self.current) for n in order for k in range(self.trials + 1)]
             self.times = {n: [] for n in self.candidates}
-        torch.set_num_threads(self.plan[0][0] if self.plan else self.current)
+        n = self.plan[0][0] if self.plan else self.current
+        if torch.get_num_threads() != n:  # a call only when the count changes, not on every step
+            torch.set_num_threads(n)
 
     def after_step(self, it, seconds):
         if self.plan:
