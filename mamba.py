@@ -124,18 +124,23 @@ class Config:
     d_model: int = 128
     kernel: str = "torch"  # the core (the scan, or SSD for version 2): "torch" or "triton"
     version: int = 1  # 1: Mamba-1's Mixer (selective scan); 2: Mamba-2's Mixer2 (SSD)
-    d_state: int = 0  # N, states per channel; 0 means the version's: 16 (v1, official), 32 (v2; official 128)
+    # N, states per channel (v1) or per head channel (v2): 16, v1's official. v2's official is 128; at 16 a
+    # Mamba-2 layer carries H * P * N = d_inner * 16 numbers of state, as many as Mamba-1's (the paper's
+    # comparisons are at equal state size), and its SSD runs 1.5x faster on a CPU than at 32
+    d_state: int = 16
     expand: int = 2  # d_inner = expand * d_model (both versions, official)
     d_conv: int = 4  # K, taps of the causal depthwise conv (both versions, official)
     dt_rank: int = 0  # v1: rank of the dt projection; 0 means ceil(d_model / 16)
     dt_min: float = 1e-3  # the initial step sizes are log-uniform in [dt_min, dt_max] (both, official)
     dt_max: float = 0.1
     # Q, time steps per chunk; 0 means the version's. v1: 8, the scan saves only the state entering each chunk
-    # of 8 (a memory/recompute trade); v2: 64, SSD's Q x Q intra-chunk matmuls (official 256, sized for GPU
-    # tensor cores; on a CPU the (Q, Q) masks cost more than they save past 64). The same word for the same
+    # of 8 (a memory/recompute trade); v2: 32, SSD's Q x Q intra-chunk matmuls (official 256, sized for GPU
+    # tensor cores; on a CPU the (Q, Q) masks cost more than they save past 32-64). The same word for the same
     # idea, chunked time, but sized for opposite reasons, so each version keeps its own default.
     chunk_size: int = 0
-    headdim: int = 64  # v2: P, channels per head (official 64); d_inner / headdim heads H, each its own A
+    # v2: P, channels per head; d_inner / headdim heads H, each its own A. Official 64; at d_model 128 that is
+    # 4 heads, whose (Q, Q) masks cost the CPU model 10-15% of its speed over 2 heads of 128
+    headdim: int = 128
     ngroups: int = 1  # v2: G, groups of heads sharing one B and C (official 1)
 
     def __post_init__(self):
@@ -143,12 +148,11 @@ class Config:
             raise ValueError(f"kernel must be 'torch' or 'triton', not {self.kernel!r}")
         if self.version not in (1, 2):
             raise ValueError(f"version must be 1 (Mamba-1) or 2 (Mamba-2), got {self.version}")
-        for name in ("d_state", "chunk_size", "dt_rank"):
+        for name in ("chunk_size", "dt_rank"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 (the version's default) or more, got "
                                  f"{getattr(self, name)}")
-        self.d_state = self.d_state or (16, 32)[self.version - 1]
-        self.chunk_size = self.chunk_size or (8, 64)[self.version - 1]
+        self.chunk_size = self.chunk_size or (8, 32)[self.version - 1]
         check_fields(self, sizes=("vocab_size", "block_size", "n_layer", "d_model",
                                  "d_state", "expand", "d_conv", "chunk_size", "headdim", "ngroups"),
                      floats=("dt_min", "dt_max"))
@@ -553,10 +557,10 @@ def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk_size=64):
     official mamba_ssm/modules/ssd_minimal.py), differentiated by plain autograd. With a_t = dt_t A and
     x~_t = dt_t x_t, over chunks of Q steps: (1) inside each chunk, the quadratic form (L o C B^T) x~;
     (2) each chunk's own final state, as if it started at 0; (3) the states passed across chunks, one decay
-    per chunk; (4) the state entering each chunk, read out by C. Any T: the last chunk is padded with dt = 0
-    (no decay, no input), which leaves the state unchanged. Inside, heads come first, (b, G, H/G, c, Q, .),
-    so that every matmul is one batched matmul over (batch, head, chunk) and B, C broadcast over the heads
-    of their group."""
+    per chunk; (4) the state entering each chunk, read out by C. Any T: a ragged last chunk is padded with
+    dt = 0 (no decay, no input), which leaves the state unchanged. Inside, heads come first, (b, G, H/G, c,
+    Q, .), so that every matmul is one batched matmul over (batch, head, chunk) and B, C broadcast over the
+    heads of their group."""
     with torch.autocast(x.device.type, enabled=False):  # the state, decays and sums in fp32 (or fp64)
         out_dtype, dtype = x.dtype, torch.promote_types(x.dtype, torch.float32)
         x, dt, A, B, C, D = (t.to(dtype) for t in (x, dt, A, B, C, D))
@@ -565,14 +569,15 @@ def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk_size=64):
         Q = min(chunk_size, T)
         pad = -T % Q
         c = (T + pad) // Q  # chunks
+        chunks = lambda M: (F.pad(M, (0, 0) * (M.dim() - 2) + (0, pad)) if pad else M).unflatten(1, (c, Q))
 
         # 0. Into chunks, heads first, and the log-decays a = dt A per head: a_cs is their running sum from
         # each chunk's start.
-        xt = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad)).view(b, c, Q, G, H // G, P)
-        xt = xt.permute(0, 3, 4, 1, 2, 5)  # x~ = dt x: (b, G, H/G, c, Q, P)
-        Bc, Cc = (F.pad(M, (0, 0, 0, 0, 0, pad)).view(b, c, Q, G, 1, N).permute(0, 3, 4, 1, 2, 5)
+        xt = chunks(x * dt[..., None]).view(b, c, Q, G, H // G, P)
+        xt = xt.permute(0, 3, 4, 1, 2, 5).contiguous()  # x~ = dt x: (b, G, H/G, c, Q, P), laid out for bmm
+        Bc, Cc = (chunks(M).view(b, c, Q, G, 1, N).permute(0, 3, 4, 1, 2, 5)
                   for M in (B, C))  # (b, G, 1, c, Q, N): one per group, broadcast over its heads
-        a = F.pad(dt * A, (0, 0, 0, pad)).view(b, c, Q, G, H // G).permute(0, 3, 4, 1, 2)  # (b, G, H/G, c, Q)
+        a = chunks(dt * A).view(b, c, Q, G, H // G).permute(0, 3, 4, 1, 2)  # (b, G, H/G, c, Q)
         a_cs = a.cumsum(-1)
 
         # 1. Inside each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x~_s, the masked
@@ -580,9 +585,10 @@ def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk_size=64):
         L = torch.exp(segsum(a))  # (b, G, H/G, c, Q, Q): the decays, 0 above the diagonal
         y = (L * (Cc @ Bc.transpose(-1, -2))) @ xt  # (b, G, H/G, c, Q, P)
 
-        # 2. Each chunk's final state from its own inputs: sum_s exp(a_{s+1} + ... + a_Q) x~_s B_s^T.
+        # 2. Each chunk's final state from its own inputs: sum_s exp(a_{s+1} + ... + a_Q) x~_s B_s^T. The
+        # decay goes on B, N wide, rather than on x~, P wide: the same product, less to scale.
         decay_out = torch.exp(a_cs[..., -1:] - a_cs)  # (b, G, H/G, c, Q), in (0, 1]
-        states = (xt * decay_out[..., None]).transpose(-1, -2) @ Bc  # (b, G, H/G, c, P, N)
+        states = xt.transpose(-1, -2) @ (Bc * decay_out[..., None])  # (b, G, H/G, c, P, N)
 
         # 3. Across chunks: h_in[c + 1] = exp(a summed over chunk c) h_in[c] + states[c], from h_in[0] = h0.
         # A short loop (T / Q steps) of (b, H, P, N) updates; the official kernel walks the chunks in turn.
@@ -594,10 +600,12 @@ def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk_size=64):
             h = decay_chunk[k][..., None, None] * h + s
         h_in = torch.stack(h_in, dim=3)  # (b, G, H/G, c, P, N): the state entering each chunk
 
-        # 4. The state entering each chunk, read out at each step and decayed to it: exp(a_1 + ... + a_l).
-        y = y + (Cc @ h_in.transpose(-1, -2)) * torch.exp(a_cs)[..., None]  # (b, G, H/G, c, Q, P)
+        # 4. The state entering each chunk, read out at each step and decayed to it: exp(a_1 + ... + a_l),
+        # again on the N-wide side, C.
+        y = y + (Cc * torch.exp(a_cs)[..., None]) @ h_in.transpose(-1, -2)  # (b, G, H/G, c, Q, P)
 
-        y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, H, P)[:, :T] + D[:, None] * x
+        y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, H, P)
+        y = (y[:, :T] if pad else y) + D[:, None] * x
     return y.to(out_dtype), h.view(b, H, P, N)
 
 # ---------------------------------------------------------------------------------------------------
@@ -987,7 +995,7 @@ class RMSNormGated(nn.Module):
 
     def forward(self, y, z):
         y = (y * F.silu(z)).unflatten(-1, (-1, self.group_size))  # (..., G, Di / G)
-        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight
+        return F.rms_norm(y, (self.group_size,), eps=self.eps).flatten(-2) * self.weight  # per group
 
 
 class Mixer2(nn.Module):

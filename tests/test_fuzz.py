@@ -44,7 +44,6 @@ ACCEPTED = {
     "rope_theta": {HUGE_FLOAT}, "norm_eps": {HUGE_FLOAT},  # any positive base; any positive eps
     "decay_lora": {"0"}, "aaa_lora": {"0"}, "mv_lora": {"0"}, "gate_lora": {"0"},  # rwkv: 0 is the rule
     "mamba.chunk_size": {"0", HUGE_INT}, "retnet.chunk_size": {HUGE_INT},  # huge: one chunk; mamba's 0: below
-    "d_state": {"0"},  # mamba: 0 is the version's (16 for Mamba-1, 32 for Mamba-2), as chunk_size's 0
     "headdim": {HUGE_INT}, "ngroups": {HUGE_INT},  # mamba: Mamba-2's fields; the default Mamba-1 reads none
     "sample.start": {"0", "-1", "nan", "many"},  # prompts
     "sample.top_k": {"0", HUGE_INT},  # 0: all tokens; more than the vocabulary: all tokens

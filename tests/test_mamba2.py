@@ -122,13 +122,13 @@ def test_version_1_is_unchanged(mamba):
     assert (c.version, c.d_state, c.chunk_size, c.dt_rank) == (1, 16, 8, 8)
     assert isinstance(mamba.Model(c).blocks[0].mixer, mamba.Mixer)
     c2 = mamba.Config(version=2)
-    assert (c2.d_state, c2.chunk_size) == (32, 64)
+    assert (c2.d_state, c2.headdim, c2.chunk_size) == (16, 128, 32)
 
 
 @pytest.mark.parametrize("fields, words", [(dict(version=3), "version"),
                                            (dict(version=2, headdim=48), "headdim"),
                                            (dict(version=2, ngroups=3), "ngroups"),
-                                           (dict(d_state=-1), "d_state")])
+                                           (dict(d_state=0), "d_state")])
 def test_config_refuses(mamba, fields, words):
     with pytest.raises(ValueError, match=words):
         mamba.Config(**fields)
