@@ -116,6 +116,15 @@ def check_fields(config, sizes=(), floats=()):
             raise ValueError(f"{name} must be a positive number, got {getattr(config, name)}")
 
 
+def check_ssd_chunk(Q):
+    """The Triton SSD's chunk is its BLOCK_Q: a power of two (a tile), at least 16 (tl.dot's least), and at
+    most 128, since a program holds a whole chunk's (Q, Q) tiles on chip: at the official 256 one fp32 tile
+    alone is 256 KB, past an H100's shared memory."""
+    if not (16 <= Q <= 128 and Q & (Q - 1) == 0):
+        raise ValueError(f"chunk_size must be a power of two from 16 to 128 for the Triton SSD (its tiles), "
+                         f"got {Q}")
+
+
 @dataclass
 class Config:
     vocab_size: int = 65
@@ -166,10 +175,8 @@ class Config:
             if (Di // self.headdim) % self.ngroups:
                 raise ValueError(f"ngroups must divide the {Di // self.headdim} heads (d_inner / headdim), "
                                  f"got {self.ngroups}")
-            Q = self.chunk_size
-            if self.kernel == "triton" and not (Q >= 16 and Q & (Q - 1) == 0):
-                raise ValueError(f"chunk_size must be a power of two of at least 16 for the Triton SSD (its "
-                                 f"tiles), got {Q}")
+            if self.kernel == "triton":
+                check_ssd_chunk(self.chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -896,11 +903,9 @@ class SSDTriton(torch.autograd.Function):
 def ssd_triton(x, dt, A, B, C, D, h0=None, chunk_size=64):
     """ssd(..., kernel="triton"): SSDTriton. x, B, C are read in their own dtype, dt, A, D, h0 in fp32; the
     kernels compute in fp32; y comes back in x's dtype, the last state in fp32. chunk_size is the kernels'
-    BLOCK_Q: a power of two of at least 16."""
+    BLOCK_Q (check_ssd_chunk)."""
     check_triton(x, dt, A, B, C, D)
-    if not (chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0):
-        raise ValueError(f"chunk_size must be a power of two of at least 16 for the Triton SSD, got "
-                         f"{chunk_size}")
+    check_ssd_chunk(chunk_size)
     return SSDTriton.apply(x, dt, A, B, C, D, h0, chunk_size)
 
 # ---------------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def test_triton_ssd_refuses_a_chunk_its_tiles_cannot_take(mamba):
         mamba.ssd(*inputs(T=5), kernel="triton", chunk_size=24)
     with pytest.raises(ValueError, match="power of two"):
         mamba.Config(version=2, kernel="triton", chunk_size=8)
+    with pytest.raises(ValueError, match="from 16 to 128"):
+        mamba.Config(version=2, kernel="triton", chunk_size=256)  # the official chunk: past shared memory
 
 
 def test_segsum_stays_finite_at_64k_tokens(mamba):
