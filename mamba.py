@@ -559,6 +559,7 @@ def segsum(a):
     return S.masked_fill(~torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(), -math.inf)
 
 
+# Exercise ssd_chunked: exercises/README.md#ssd_chunked
 def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk_size=64):
     """ssd(..., kernel="torch"): the chunked algorithm, four steps of batched matmuls (the paper's Listing 1,
     official mamba_ssm/modules/ssd_minimal.py), differentiated by plain autograd. With a_t = dt_t A and
