@@ -135,7 +135,7 @@ class Config:
     version: int = 1  # 1: Mamba-1's Mixer (selective scan); 2: Mamba-2's Mixer2 (SSD)
     # N, states per channel (v1) or per head channel (v2): 16, v1's official. v2's official is 128; at 16 a
     # Mamba-2 layer carries H * P * N = d_inner * 16 numbers of state, as many as Mamba-1's (the paper's
-    # comparisons are at equal state size), and its SSD runs 1.5x faster on a CPU than at 32
+    # comparisons are at equal state size)
     d_state: int = 16
     expand: int = 2  # d_inner = expand * d_model (both versions, official)
     d_conv: int = 4  # K, taps of the causal depthwise conv (both versions, official)
@@ -148,7 +148,7 @@ class Config:
     # idea, chunked time, but sized for opposite reasons, so each version keeps its own default.
     chunk_size: int = 0
     # v2: P, channels per head; d_inner / headdim heads H, each its own A. Official 64; at d_model 128 that is
-    # 4 heads, whose (Q, Q) masks cost the CPU model 10-15% of its speed over 2 heads of 128
+    # 4 heads, whose (Q, Q) masks made the CPU model up to 12% slower than 2 heads of 128
     headdim: int = 128
     ngroups: int = 1  # v2: G, groups of heads sharing one B and C (official 1)
 
@@ -612,8 +612,7 @@ def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk_size=64):
         # again on the N-wide side, C.
         y = y + (Cc * torch.exp(a_cs)[..., None]) @ h_in.transpose(-1, -2)  # (b, G, H/G, c, Q, P)
 
-        y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, H, P)
-        y = (y[:, :T] if pad else y) + D[:, None] * x
+        y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, H, P)[:, :T] + D[:, None] * x
     return y.to(out_dtype), h.view(b, H, P, N)
 
 # ---------------------------------------------------------------------------------------------------
